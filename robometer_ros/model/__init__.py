@@ -1,0 +1,1 @@
+"""robometer_ros.model."""

@@ -1,0 +1,51 @@
+"""pip install for machines without ROS (training boxes, CI): model, engine and training code.
+
+On a robot, build the package with colcon instead (package.xml / CMakeLists.txt); that also
+generates robometer_ros.msg and installs the node executable.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="robometer_ros",
+    version="0.1.0",
+    description="Robometer learned reward model for ROS 2 robots: engines, node and training",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["robometer_ros", "robometer_ros.*"]),
+    package_data={"robometer_ros": ["py.typed"]},
+    install_requires=[
+        "numpy>=1.24",
+        "pillow",
+        "pyyaml",
+        "tokenizers>=0.20",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "rosbags>=0.10",
+    ],
+    extras_require={
+        "train": [
+            "torch>=2.4",
+            "transformers>=5.0",
+            "safetensors",
+            "onnxscript",
+            "peft",
+            "tensorboard",
+            "tqdm",
+            "matplotlib",
+            "pyarrow",
+        ],
+        "sim": ["metaworld==3.1.1", "mujoco==3.3.0", "packaging", "imageio"],
+        "tensorrt": ["tensorrt"],
+    },
+    entry_points={
+        "console_scripts": [
+            "robometer-dataset = robometer_ros.training.dataset_cli:main",
+            "robometer-train = robometer_ros.training.trainer:main",
+            "robometer-eval = robometer_ros.training.evaluate:main",
+            "robometer-score = robometer_ros.training.score:main",
+            "robometer-export = robometer_ros.training.export:main",
+            "robometer-build-engines = robometer_ros.engine.tensorrt_build:main",
+        ],
+    },
+)
