@@ -1,0 +1,196 @@
+"""images.py: every supported encoding against a known image, and the errors for bad input."""
+
+from __future__ import annotations
+
+import array
+import io
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from robometer_ros.images import (
+    ImageConversionError,
+    compressed_msg_to_rgb,
+    compressed_to_rgb,
+    image_msg_to_rgb,
+    raw_to_rgb,
+)
+
+H, W = 5, 7
+
+
+def known_rgb() -> np.ndarray:
+    """A 5x7 image where every pixel and channel differs."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+
+
+def pad_rows(packed: np.ndarray, row_bytes: int, pad: int) -> bytes:
+    """Rows of `row_bytes` bytes followed by `pad` junk bytes each."""
+    rows = packed.reshape(H, row_bytes)
+    junk = np.full((H, pad), 0xAB, dtype=np.uint8)
+    return np.concatenate([rows, junk], axis=1).tobytes()
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize(
+    ("encoding", "make"),
+    [
+        ("rgb8", lambda rgb: rgb),
+        ("bgr8", lambda rgb: rgb[:, :, ::-1]),
+        ("rgba8", lambda rgb: np.concatenate([rgb, np.full((H, W, 1), 9, np.uint8)], axis=2)),
+        ("bgra8", lambda rgb: np.concatenate([rgb[:, :, ::-1], np.full((H, W, 1), 9, np.uint8)], axis=2)),
+    ],
+)
+def test_color_encodings_give_the_original_rgb(encoding, make, pad) -> None:
+    rgb = known_rgb()
+    packed = np.ascontiguousarray(make(rgb))
+    row_bytes = W * packed.shape[2]
+    data = pad_rows(packed, row_bytes, pad)
+    out = raw_to_rgb(H, W, encoding, 0, row_bytes + pad, data)
+    assert out.dtype == np.uint8 and out.shape == (H, W, 3)
+    np.testing.assert_array_equal(out, rgb)
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_mono8_is_replicated_to_three_channels(pad) -> None:
+    grey = known_rgb()[:, :, 0].copy()
+    out = raw_to_rgb(H, W, "mono8", 0, W + pad, pad_rows(grey, W, pad))
+    np.testing.assert_array_equal(out, np.repeat(grey[:, :, None], 3, axis=2))
+
+
+@pytest.mark.parametrize("bigendian", [False, True])
+@pytest.mark.parametrize("pad", [0, 4])
+def test_mono16_keeps_the_high_byte_in_either_byte_order(bigendian, pad) -> None:
+    grey16 = (known_rgb()[:, :, 1].astype(np.uint16) << 8) | 0x7F
+    packed = grey16.astype(">u2" if bigendian else "<u2").view(np.uint8).reshape(H, W * 2)
+    out = raw_to_rgb(H, W, "mono16", int(bigendian), W * 2 + pad, pad_rows(packed, W * 2, pad))
+    np.testing.assert_array_equal(out[:, :, 0], known_rgb()[:, :, 1])
+    np.testing.assert_array_equal(out[:, :, 0], out[:, :, 2])
+
+
+def test_rgb16_big_endian() -> None:
+    rgb16 = known_rgb().astype(np.uint16) << 8
+    out = raw_to_rgb(H, W, "rgb16", 1, W * 6, rgb16.astype(">u2").tobytes())
+    np.testing.assert_array_equal(out, known_rgb())
+
+
+def test_yuyv_grey_and_primaries() -> None:
+    # Y=235,U=V=128 is white; Y=16 black (BT.601 limited range).
+    yuyv = np.array([[235, 128, 16, 128]], dtype=np.uint8).reshape(1, 4)
+    out = raw_to_rgb(1, 2, "yuv422_yuy2", 0, 4, yuyv.tobytes())
+    np.testing.assert_allclose(out[0, 0], [255, 255, 255], atol=1)
+    np.testing.assert_allclose(out[0, 1], [0, 0, 0], atol=1)
+    uyvy = np.array([128, 235, 128, 16], dtype=np.uint8)
+    np.testing.assert_array_equal(raw_to_rgb(1, 2, "yuv422", 0, 4, uyvy.tobytes()), out)
+
+
+def test_rclpy_message_fields_are_accepted() -> None:
+    """The rclpy message types (array.array data), through the message helper."""
+
+    class FakeImage:  # the same attributes as sensor_msgs/Image; rclpy uses array.array for data
+        height, width, encoding, is_bigendian, step = H, W, "bgr8", 0, W * 3
+        data = array.array("B", np.ascontiguousarray(known_rgb()[:, :, ::-1]).tobytes())
+
+    np.testing.assert_array_equal(image_msg_to_rgb(FakeImage()), known_rgb())
+
+
+def test_output_does_not_alias_the_message_buffer() -> None:
+    data = bytearray(known_rgb().tobytes())
+    out = raw_to_rgb(H, W, "rgb8", 0, W * 3, data)
+    data[:] = bytes(len(data))
+    np.testing.assert_array_equal(out, known_rgb())
+
+
+@pytest.mark.parametrize("encoding", ["16UC1", "32FC1"])
+def test_depth_images_are_rejected_with_the_fix(encoding) -> None:
+    with pytest.raises(ImageConversionError, match="point image_topic at a color camera") as err:
+        raw_to_rgb(H, W, encoding, 0, W * 4, bytes(H * W * 4))
+    assert err.value.reason == "depth"
+
+
+def test_unknown_encoding_names_the_supported_ones() -> None:
+    with pytest.raises(ImageConversionError, match=r"unsupported image encoding 'bayer_rggb8'.*rgb8") as err:
+        raw_to_rgb(H, W, "bayer_rggb8", 0, W, bytes(H * W))
+    assert err.value.reason == "unsupported_encoding"
+
+
+def test_truncated_data_is_rejected() -> None:
+    with pytest.raises(ImageConversionError, match="truncated image data: 104 bytes") as err:
+        raw_to_rgb(H, W, "rgb8", 0, W * 3, bytes(H * W * 3 - 1))
+    assert err.value.reason == "truncated"
+
+
+def test_step_smaller_than_a_row_is_rejected() -> None:
+    with pytest.raises(ImageConversionError, match="step 20 is smaller than") as err:
+        raw_to_rgb(H, W, "rgb8", 0, 20, bytes(H * W * 3))
+    assert err.value.reason == "bad_step"
+
+
+def test_empty_image_is_rejected() -> None:
+    with pytest.raises(ImageConversionError, match="empty image") as err:
+        raw_to_rgb(0, W, "rgb8", 0, W * 3, b"")
+    assert err.value.reason == "empty"
+
+
+def encode(rgb: np.ndarray, fmt: str, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    image = PILImage.fromarray(rgb if mode == "RGB" else rgb[:, :, 0], mode=None if mode == "RGB" else mode)
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_png_is_lossless() -> None:
+    rgb = known_rgb()
+    np.testing.assert_array_equal(compressed_to_rgb("rgb8; png compressed bgr8", encode(rgb, "PNG")), rgb)
+
+
+def test_grey_png_and_16_bit_png() -> None:
+    grey = known_rgb()[:, :, 2].copy()
+    out = compressed_to_rgb("png", encode(grey[:, :, None], "PNG", mode="L"))
+    np.testing.assert_array_equal(out, np.repeat(grey[:, :, None], 3, axis=2))
+    buf = io.BytesIO()
+    PILImage.fromarray(grey.astype(np.uint16) << 8).save(buf, format="PNG")
+    np.testing.assert_array_equal(compressed_to_rgb("png", buf.getvalue())[:, :, 1], grey)
+
+
+def test_jpeg_is_close_to_the_original() -> None:
+    # A smooth image so jpeg's loss is small.
+    ramp = np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8)
+    out = compressed_to_rgb("jpeg", encode(ramp, "JPEG"))
+    assert out.shape == (48, 64, 3)
+    assert np.abs(out.astype(int) - ramp.astype(int)).mean() < 4
+
+    class FakeCompressed:
+        format = "jpeg"
+        data = array.array("B", encode(ramp, "JPEG"))
+
+    np.testing.assert_array_equal(compressed_msg_to_rgb(FakeCompressed()), out)
+
+
+def test_garbage_and_truncated_jpeg_are_decode_errors() -> None:
+    with pytest.raises(ImageConversionError, match="cannot decode CompressedImage") as err:
+        compressed_to_rgb("jpeg", b"\xff\xd8 definitely not a jpeg")
+    assert err.value.reason == "decode_failed"
+    whole = encode(known_rgb(), "JPEG")
+    with pytest.raises(ImageConversionError, match="cannot decode") as err:
+        compressed_to_rgb("jpeg", whole[: len(whole) // 2])
+    assert err.value.reason == "decode_failed"
+
+
+def test_compressed_depth_and_empty_are_rejected() -> None:
+    with pytest.raises(ImageConversionError, match="compressedDepth") as err:
+        compressed_to_rgb("16UC1; compressedDepth png", b"123")
+    assert err.value.reason == "depth"
+    with pytest.raises(ImageConversionError, match="empty CompressedImage") as err:
+        compressed_to_rgb("jpeg", b"")
+    assert err.value.reason == "empty"
+
+
+def test_other_compressed_formats_are_rejected() -> None:
+    buf = io.BytesIO()
+    PILImage.fromarray(known_rgb()).save(buf, format="BMP")
+    with pytest.raises(ImageConversionError, match="unsupported compressed format BMP") as err:
+        compressed_to_rgb("bmp", buf.getvalue())
+    assert err.value.reason == "unsupported_format"
