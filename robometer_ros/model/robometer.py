@@ -1,0 +1,280 @@
+"""RobometerModel: transformers' Qwen3VLModel plus the progress / success / preference heads.
+
+Attribute names follow the released checkpoint (class RBM / RFM of the official code): the backbone is
+``self.model`` (a ``Qwen3VLModel``, so keys ``model.visual.*`` and ``model.language_model.*``) and the heads
+are ``progress_head``, ``success_head``, ``preference_head`` (``nn.Sequential``: ``<head>.0.weight`` ...).
+
+Two ways to run it (docs/ARCHITECTURE.md "Model split"):
+
+* ``forward`` — the reference method: the standard Qwen3VLModel forward from input_ids + pixel_values of all
+  frames, then the heads at every ``<|prog_token|>`` (and the ``<|pref_token|>``). Used for parity tests and
+  as "the reference method" in benchmarks.
+* ``encode_frame`` (once per frame, cacheable) + ``forward_language`` (per step) — the split the engine
+  exports. No data-dependent ops: visual positions are gathered by index and merged with ``torch.where``,
+  and the deepstack features are added the same way after the first k decoder layers. The result equals
+  the reference path (tested to 1e-5 on tiny models).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import Qwen3VLConfig, Qwen3VLModel
+from transformers.masking_utils import create_causal_mask
+from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+from robometer_ros.model.config import RobometerConfig
+from robometer_ros.model.heads import expected_progress, prediction_head
+
+GridTHW = tuple[int, int, int]
+
+
+def build_backbone_config(config: RobometerConfig, attn_implementation: str = "sdpa") -> Qwen3VLConfig:
+    """The transformers Qwen3VLConfig of a RobometerConfig (legacy rope_scaling dicts are converted)."""
+    backbone = {k: v for k, v in config.backbone.items() if k not in ("architectures", "auto_map")}
+    qwen_config = Qwen3VLConfig(**backbone)
+    qwen_config._attn_implementation = attn_implementation
+    qwen_config.text_config._attn_implementation = attn_implementation
+    qwen_config.vision_config._attn_implementation = attn_implementation
+    return qwen_config
+
+
+class RobometerModel(nn.Module):
+    """The Robometer reward model (see the module docstring for the two ways to run it)."""
+
+    def __init__(self, config: RobometerConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3VLModel(build_backbone_config(config, attn_implementation))
+        hidden = config.hidden_size
+        self.progress_head = prediction_head(hidden, config.num_bins, config.head_dropout)
+        self.preference_head = prediction_head(hidden, 1, config.head_dropout)
+        self.success_head = prediction_head(hidden, 1, config.head_dropout)
+        # Grid-dependent vision tensors (position-embedding resampling, rotary ids) per (grid, device):
+        # computed once on the host so encode_frame traces them as constants.
+        self._grid_cache: dict[tuple[GridTHW, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_deepstack(self) -> int:
+        return len(self.model.visual.deepstack_visual_indexes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.language_model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.language_model.embed_tokens.weight.device
+
+    def tokens_per_frame(self, grid_thw: GridTHW) -> int:
+        """Visual tokens one frame of this patch grid becomes in the language model."""
+        t, h, w = grid_thw
+        return t * h * w // (self.config.spatial_merge_size**2)
+
+    # ------------------------------------------------------------------ heads
+    def apply_heads(self, frame_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Progress logits [F, bins] and success logits [F] from the hidden states at the prog tokens."""
+        frame_hidden = frame_hidden.to(self.progress_head[0].weight.dtype)
+        return self.progress_head(frame_hidden), self.success_head(frame_hidden).squeeze(-1)
+
+    def apply_preference_head(self, pref_hidden: torch.Tensor) -> torch.Tensor:
+        """Preference logit [1] (sigmoid = P(A preferred)) from the pref-token hidden state [1, H]."""
+        return self.preference_head(pref_hidden.to(self.preference_head[0].weight.dtype)).squeeze(-1)
+
+    # ------------------------------------------------------------------ vision part
+    def _grid_tensors(self, grid_thw: GridTHW, device: torch.device) -> tuple[torch.Tensor, ...]:
+        key = (tuple(int(v) for v in grid_thw), str(device))
+        cached = self._grid_cache.get(key)
+        if cached is None:
+            visual = self.model.visual
+            grid = torch.tensor([key[0]], dtype=torch.long, device=device)
+            with torch.no_grad():
+                interp_indices, interp_weights = get_vision_interpolation_indices_and_weights(
+                    grid,
+                    num_grid_per_side=visual.num_grid_per_side,
+                    mode=visual.interpolation_mode,
+                    align_corners=visual.interpolation_align_corners,
+                    spatial_merge_size=visual.spatial_merge_size,
+                )
+                rotary_ids = get_vision_position_ids(grid, visual.spatial_merge_size)
+            cached = (interp_indices, interp_weights, rotary_ids)
+            self._grid_cache[key] = cached
+        return cached
+
+    def encode_frame(
+        self, pixel_values: torch.Tensor, grid_thw: GridTHW
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vision part for ONE frame.
+
+        Args:
+            pixel_values: [N, 1536] patch rows of the frame (robometer_ros.preprocess), N = t*h*w.
+            grid_thw: the frame's patch grid (1, H/16, W/16), a Python tuple (constant for export).
+
+        Returns:
+            visual_embeds [N/4, H] (the frame's tokens for the language model) and
+            deepstack_embeds [k, N/4, H] (features added after the first k decoder layers).
+        """
+        t, h, w = (int(v) for v in grid_thw)
+        if pixel_values.ndim != 2 or pixel_values.shape[0] != t * h * w:
+            raise ValueError(
+                f"pixel_values must be [{t * h * w}, {self.config.patch_dim}] for grid {grid_thw}, "
+                f"got {list(pixel_values.shape)}"
+            )
+        visual = self.model.visual
+        interp_indices, interp_weights, rotary_ids = self._grid_tensors((t, h, w), pixel_values.device)
+        hidden = visual.patch_embed(pixel_values.to(visual.patch_embed.proj.weight.dtype))
+        pos_embeds = (visual.pos_embed(interp_indices) * interp_weights[:, :, None]).sum(1)
+        hidden = hidden + pos_embeds.to(hidden.dtype)
+        cos, sin = visual.rotary_pos_emb(hidden, rotary_ids)
+        deepstack = []
+        for layer_num, block in enumerate(visual.blocks):
+            hidden = hidden + self._frame_attention(block.attn, block.norm1(hidden), cos, sin)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+            if layer_num in visual.deepstack_visual_indexes:
+                merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(layer_num)]
+                deepstack.append(merger(hidden))
+        visual_embeds = visual.merger(hidden)
+        if deepstack:
+            deepstack_embeds = torch.stack(deepstack, dim=0)
+        else:
+            deepstack_embeds = visual_embeds.new_zeros((0, *visual_embeds.shape))
+        return visual_embeds, deepstack_embeds
+
+    @staticmethod
+    def _frame_attention(
+        attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Vision self-attention over one frame: one segment, so no cu_seqlens split (.tolist()) is needed."""
+        n = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, d]
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+        return attn.proj(out.transpose(1, 2).reshape(n, -1))
+
+    # ------------------------------------------------------------------ language part
+    def forward_language(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        visual_embeds: torch.Tensor,
+        deepstack_embeds: torch.Tensor,
+        visual_index: torch.Tensor,
+        visual_mask: torch.Tensor,
+        prog_positions: torch.Tensor,
+        pref_position: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Language part + heads for one prompt (batch 1, causal, no padding), export-friendly.
+
+        Args:
+            input_ids: [1, L] int64 (visual positions hold the image-pad id; their embedding is replaced).
+            position_ids: [3, 1, L] int64 M-RoPE ids (robometer_ros.model.prompt computes them).
+            visual_embeds: [V, H] the frames' visual tokens concatenated in prompt order.
+            deepstack_embeds: [k, V, H] the frames' deepstack features in the same order.
+            visual_index: [1, L] int64 row of visual_embeds for each visual position, 0 elsewhere.
+            visual_mask: [1, L] bool, True at visual positions.
+            prog_positions: [F] int64 positions of the ``<|prog_token|>`` tokens.
+            pref_position: optional [1] int64 position of the ``<|pref_token|>``.
+
+        Returns:
+            ``progress_logits`` [F, bins], ``success_logits`` [F], and ``preference_logit`` [1] when
+            ``pref_position`` is given.
+        """
+        language = self.model.language_model
+        index = visual_index[0]
+        mask = visual_mask.unsqueeze(-1)
+        text_embeds = language.embed_tokens(input_ids)
+        gathered = visual_embeds.index_select(0, index).unsqueeze(0).to(text_embeds.dtype)
+        hidden = torch.where(mask, gathered, text_embeds)
+
+        position_embeddings = language.rotary_emb(hidden, position_ids)
+        # Same mask construction as Qwen3VLTextModel.forward (position_ids [3, B, L] => no text positions).
+        causal_mask = create_causal_mask(
+            config=language.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=None
+        )
+        num_deepstack = deepstack_embeds.shape[0]
+        for layer_idx, layer in enumerate(language.layers):
+            hidden = layer(
+                hidden, attention_mask=causal_mask, position_embeddings=position_embeddings, position_ids=None
+            )
+            if layer_idx < num_deepstack:
+                extra = deepstack_embeds[layer_idx].index_select(0, index).unsqueeze(0).to(hidden.dtype)
+                hidden = hidden + torch.where(mask, extra, torch.zeros_like(extra))
+        hidden = language.norm(hidden)
+
+        frame_hidden = hidden[0].index_select(0, prog_positions)
+        progress_logits, success_logits = self.apply_heads(frame_hidden)
+        out = {"progress_logits": progress_logits, "success_logits": success_logits}
+        if pref_position is not None:
+            out["preference_logit"] = self.apply_preference_head(hidden[0].index_select(0, pref_position))
+        return out
+
+    # ------------------------------------------------------------------ reference path
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        mm_token_type_ids: torch.Tensor,
+        prog_positions: torch.Tensor,
+        pref_position: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The reference method: the standard Qwen3VLModel forward over all frames, heads at the prog tokens.
+
+        Args:
+            input_ids: [1, L] with the image-pad tokens expanded (one run per frame).
+            pixel_values: [sum N_i, 1536] patch rows of all frames, in prompt order.
+            image_grid_thw: [F_images, 3] grid of each image.
+            mm_token_type_ids: [1, L] 0 text / 1 image (transformers 5.x needs it for M-RoPE).
+            prog_positions: [F] positions of the ``<|prog_token|>`` tokens.
+            pref_position: optional [1] position of the ``<|pref_token|>``.
+            attention_mask: optional [1, L]; None means all ones.
+            position_ids: optional precomputed M-RoPE ids; None lets the backbone compute them.
+
+        Returns:
+            The same dict as ``forward_language`` plus ``hidden_states`` [1, L, H] (final, post-norm).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=False,
+        )
+        # The official code reads outputs.hidden_states[-1] with output_hidden_states=True; in transformers
+        # >= 4.55 that entry is the final-norm output, i.e. last_hidden_state.
+        hidden = outputs.last_hidden_state
+        self.model.rope_deltas = None  # the backbone caches these for generation; we never generate
+        frame_hidden = hidden[0].index_select(0, prog_positions.to(hidden.device))
+        progress_logits, success_logits = self.apply_heads(frame_hidden)
+        out = {"progress_logits": progress_logits, "success_logits": success_logits, "hidden_states": hidden}
+        if pref_position is not None:
+            out["preference_logit"] = self.apply_preference_head(
+                hidden[0].index_select(0, pref_position.to(hidden.device))
+            )
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def expected_progress(progress_logits: torch.Tensor) -> torch.Tensor:
+        """C51 expectation of the progress bins (see robometer_ros.model.heads.expected_progress)."""
+        return expected_progress(progress_logits)
+
+    def extra_repr(self) -> str:
+        cfg: Any = self.config
+        return f"hidden={cfg.hidden_size}, bins={cfg.num_bins}, frames={cfg.num_frames}"
