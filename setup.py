@@ -13,7 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["robometer_ros", "robometer_ros.*"]),
-    package_data={"robometer_ros": ["py.typed"]},
+    package_data={"robometer_ros": ["py.typed"], "robometer_ros.model": ["*.jinja"]},
     install_requires=[
         "numpy>=1.24",
         "pillow",
