@@ -1,0 +1,246 @@
+"""EpisodeMonitor on synthetic progress / success curves (1 step per second of camera time)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+
+from robometer_ros.monitor import (
+    EpisodeMonitor,
+    Event,
+    EventKind,
+    FailureReason,
+    MonitorConfig,
+    Outcome,
+    Severity,
+)
+
+
+def run(
+    monitor: EpisodeMonitor, progress: Iterable[float], success: Iterable[float] | float = 0.0, t0: float = 0.0
+) -> list[tuple[int, Event]]:
+    """Feed one step per second; return (step index, event) for every event."""
+    progress = list(progress)
+    success = [success] * len(progress) if isinstance(success, float) else list(success)
+    out: list[tuple[int, Event]] = []
+    for i, (p, s) in enumerate(zip(progress, success)):
+        out.extend((i, e) for e in monitor.update(t0 + i, p, s))
+    return out
+
+
+def kinds(events: list[tuple[int, Event]]) -> list[tuple[EventKind, FailureReason]]:
+    return [(e.kind, e.reason) for _, e in events]
+
+
+def test_constants_match_the_messages() -> None:
+    from pathlib import Path
+
+    msg_dir = Path(__file__).resolve().parents[2] / "msg"
+    flag = (msg_dir / "FailureFlag.msg").read_text()
+    for reason in FailureReason:
+        assert f"uint8 REASON_{reason.name}={reason.value}" in flag
+    for severity in Severity:
+        assert f"uint8 SEVERITY_{severity.name}={severity.value}" in flag
+    status = (msg_dir / "EpisodeStatus.msg").read_text()
+    for outcome in Outcome:
+        assert f"uint8 OUTCOME_{outcome.name}={outcome.value}" in status
+
+
+def test_monotone_success() -> None:
+    m = EpisodeMonitor(MonitorConfig())
+    progress = np.clip(np.arange(30) / 20, 0, 1)
+    success = np.where(np.arange(30) >= 22, 0.9, 0.05)
+    events = run(m, progress, success)
+    assert kinds(events) == [(EventKind.SUCCEEDED, FailureReason.NONE)]
+    step, ev = events[0]
+    assert step == 23  # the second consecutive step over 0.65
+    assert ev.stamp_s == 23.0 and ev.confidence == pytest.approx(0.9) and ev.severity is Severity.INFO
+    assert m.succeeded and not m.failed
+    assert m.end(30.0, Outcome.SUCCESS) == []
+
+
+def test_success_is_sticky_and_a_finished_robot_standing_still_is_no_stall() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=5.0))
+    events = run(m, [0.2, 0.5, 0.9, 0.95] + [0.95] * 30, [0.1, 0.3, 0.8, 0.9] + [0.2, 0.9] * 15)
+    assert kinds(events) == [(EventKind.SUCCEEDED, FailureReason.NONE)]
+
+
+def test_stall_raises_once_then_clears_when_progress_resumes() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=10.0, stall_epsilon=0.02, clear_steps=2))
+    progress = [0.1 * i for i in range(4)] + [0.3 + 0.005 * (i % 2) for i in range(20)] + [0.4, 0.45, 0.5]
+    events = run(m, progress, 0.0)
+    assert kinds(events) == [
+        (EventKind.FAILURE_RAISED, FailureReason.STALLED),
+        (EventKind.FAILURE_CLEARED, FailureReason.STALLED),
+    ]
+    (raised_at, raised), (cleared_at, cleared) = events
+    assert raised_at == 13  # reference set at step 3 (progress 0.3), 10 s of camera time later
+    assert raised.severity is Severity.WARN and raised.failed
+    assert raised.confidence == pytest.approx(0.75)  # rose 0.005 of the 0.02 allowed
+    assert "0.30" in raised.detail and "10.0 s" in raised.detail
+    assert cleared_at == len(progress) - 2  # two consecutive steps above reference + epsilon
+    assert not cleared.failed and cleared.severity is Severity.INFO
+
+
+def test_stall_uses_camera_stamps_not_step_count() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=10.0))
+    # 100 steps but only 5 s of camera time: no stall
+    for i in range(100):
+        assert m.update(i * 0.05, 0.3, 0.0) == []
+    assert m.update(11.0, 0.3, 0.0)[0].reason is FailureReason.STALLED
+
+
+def test_stall_off_when_timeout_is_zero() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
+    assert run(m, [0.3] * 200) == []
+
+
+def test_regression_rewind_raises_and_recovers_with_hysteresis() -> None:
+    cfg = MonitorConfig(regression_margin=0.2, regression_steps=2, clear_steps=2, stall_timeout_s=0.0)
+    m = EpisodeMonitor(cfg)
+    progress = [0.1, 0.3, 0.5, 0.7, 0.7, 0.45, 0.4, 0.45, 0.55, 0.62, 0.68, 0.7, 0.75]
+    events = run(m, progress)
+    assert kinds(events) == [
+        (EventKind.FAILURE_RAISED, FailureReason.REGRESSED),
+        (EventKind.FAILURE_CLEARED, FailureReason.REGRESSED),
+    ]
+    (raised_at, raised), (cleared_at, _) = events
+    assert raised_at == 6  # second consecutive step more than 0.2 below the max of 0.7
+    assert raised.max_progress == pytest.approx(0.7) and raised.progress == pytest.approx(0.4)
+    assert raised.confidence == pytest.approx(0.3 / 0.4)
+    # 0.55 is above max - margin but not above max - margin/2 = 0.6: still failed; cleared after 0.62, 0.68
+    assert cleared_at == 10
+
+
+def test_single_step_outlier_neither_sets_the_max_nor_raises() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
+    events = run(m, [0.1, 0.2, 0.95, 0.25, 0.3, 0.05, 0.35, 0.4])
+    assert events == []
+    assert m.max_progress == pytest.approx(0.35)
+
+
+def test_flapping_around_the_regression_threshold_gives_one_event() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
+    # max 0.8; values alternate around the raise line (0.6) after it fired: one raise, no clear, no re-raise
+    events = run(m, [0.8, 0.8, 0.55, 0.55] + [0.58, 0.63, 0.66, 0.59] * 10)
+    assert kinds(events) == [(EventKind.FAILURE_RAISED, FailureReason.REGRESSED)]
+    # alternating single steps below the raise line never raise at all
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
+    assert run(m, [0.8, 0.8] + [0.59, 0.61] * 20) == []
+
+
+def test_flapping_success_probability_around_the_threshold_never_succeeds() -> None:
+    m = EpisodeMonitor(MonitorConfig(success_threshold=0.65, success_steps=2, stall_timeout_s=0.0))
+    assert run(m, np.linspace(0, 0.9, 40), [0.64, 0.66] * 20) == []
+    assert not m.succeeded
+
+
+def test_noisy_but_rising_progress_raises_nothing() -> None:
+    rng = np.random.default_rng(1)
+    t = np.arange(120)
+    progress = np.clip(t / 100 + rng.normal(0, 0.03, t.size), 0, 1)
+    success = np.clip(rng.normal(0.1, 0.05, t.size), 0, 1)
+    m = EpisodeMonitor(MonitorConfig())
+    events = run(m, progress[:100], success[:100])
+    assert events == []
+
+
+def test_timeout_without_success_and_success_clears_it() -> None:
+    m = EpisodeMonitor(MonitorConfig(episode_timeout_s=20.0, stall_timeout_s=0.0), start_stamp_s=100.0)
+    events = run(m, np.linspace(0, 0.6, 30), 0.1, t0=105.0)
+    assert kinds(events) == [(EventKind.FAILURE_RAISED, FailureReason.TIMEOUT)]
+    step, ev = events[0]
+    assert ev.stamp_s == 120.0 and ev.severity is Severity.ERROR and step == 15
+    later = m.update(140.0, 0.9, 0.9) + m.update(141.0, 0.95, 0.95)
+    assert [(e.kind, e.reason) for e in later] == [
+        (EventKind.SUCCEEDED, FailureReason.NONE),
+        (EventKind.FAILURE_CLEARED, FailureReason.TIMEOUT),
+    ]
+
+
+def test_timeout_is_measured_from_the_first_stamp_when_no_start_is_given() -> None:
+    m = EpisodeMonitor(MonitorConfig(episode_timeout_s=5.0, stall_timeout_s=0.0))
+    events = run(m, np.linspace(0, 0.5, 10), t0=50.0)
+    assert [i for i, _ in events] == [5]
+    assert m.start_stamp_s == 50.0
+
+
+def test_worse_reason_replaces_a_milder_one_and_does_not_downgrade() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=5.0, stall_epsilon=0.02))
+    events = run(m, [0.5] * 8 + [0.2] * 10)
+    assert kinds(events) == [
+        (EventKind.FAILURE_RAISED, FailureReason.STALLED),
+        (EventKind.FAILURE_RAISED, FailureReason.REGRESSED),
+    ]
+    assert m.failure is FailureReason.REGRESSED
+
+
+def test_nan_and_out_of_range_scores_become_model_errors() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0, clear_steps=2))
+    assert m.update(0.0, 0.2, 0.1) == []
+    events = m.update(1.0, float("nan"), 0.1)
+    assert len(events) == 1 and events[0].reason is FailureReason.MODEL_ERROR
+    assert events[0].severity is Severity.ERROR and "nan" in events[0].detail
+    assert events[0].progress == pytest.approx(0.2)  # last valid progress
+    assert m.update(2.0, 0.3, float("inf")) == []  # still failed: no new event
+    assert m.update(3.0, 0.3, 0.1) == []  # one valid step is not enough to clear
+    cleared = m.update(4.0, 0.35, 0.1)
+    assert [(e.kind, e.reason) for e in cleared] == [(EventKind.FAILURE_CLEARED, FailureReason.MODEL_ERROR)]
+    out_of_range = m.update(5.0, 1.7, 0.1)
+    assert out_of_range[0].reason is FailureReason.MODEL_ERROR and "outside [0, 1]" in out_of_range[0].detail
+    # tiny float overshoot is clamped, not an error
+    m2 = EpisodeMonitor()
+    assert m2.update(0.0, 1.0000001, -1e-7) == []
+    assert m2.progress == 1.0 and m2.success_probability == 0.0
+
+
+def test_model_error_call_is_a_failure() -> None:
+    m = EpisodeMonitor()
+    events = m.model_error(3.0, "engine raised RuntimeError")
+    assert events[0].reason is FailureReason.MODEL_ERROR and "engine raised" in events[0].detail
+    assert math.isnan(events[0].progress)
+
+
+def test_end_without_success_raises_low_success_at_end() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
+    run(m, np.linspace(0, 0.7, 10), np.linspace(0, 0.52, 10))
+    events = m.end(10.0, Outcome.FAILURE)
+    assert kinds([(0, e) for e in events]) == [(EventKind.FAILURE_RAISED, FailureReason.LOW_SUCCESS_AT_END)]
+    assert events[0].severity is Severity.ERROR and "FAILURE" in events[0].detail
+    assert events[0].confidence == pytest.approx((0.65 - 0.52) / 0.65)
+    assert m.ended
+    assert m.update(11.0, 0.9, 0.99) == [] and m.end(12.0) == []
+
+
+def test_end_before_any_step() -> None:
+    events = EpisodeMonitor().end(0.0)
+    assert events[0].reason is FailureReason.LOW_SUCCESS_AT_END and "before any step" in events[0].detail
+
+
+def test_config_validation_names_the_field() -> None:
+    for kwargs, name in [
+        ({"success_threshold": 1.5}, "success_threshold"),
+        ({"success_threshold": 0.0}, "success_threshold"),
+        ({"success_steps": 0}, "success_steps"),
+        ({"stall_timeout_s": -1.0}, "stall_timeout_s"),
+        ({"stall_epsilon": float("nan")}, "stall_epsilon"),
+        ({"regression_margin": 0.0}, "regression_margin"),
+        ({"regression_steps": 1.5}, "regression_steps"),
+        ({"clear_steps": True}, "clear_steps"),
+        ({"episode_timeout_s": float("inf")}, "episode_timeout_s"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            MonitorConfig(**kwargs)
+
+
+def test_stamps_must_not_go_back() -> None:
+    m = EpisodeMonitor()
+    m.update(5.0, 0.1, 0.1)
+    assert m.update(5.0, 0.1, 0.1) == []  # equal stamps are fine (same newest frame scored again)
+    with pytest.raises(ValueError, match="earlier than the previous"):
+        m.update(4.0, 0.1, 0.1)
+    with pytest.raises(ValueError, match="finite"):
+        m.update(float("nan"), 0.1, 0.1)
