@@ -69,7 +69,9 @@ fi
 #    generated robometer_ros/msg + typesupport modules that step 4 installed into site-packages,
 #    so edits to the sources take effect without reinstalling.
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "import sys; sys.path.insert(0, '$ROOT')" > "$SITE/robometer_ros_source.pth"
+#    (ROBOMETER_ROS_INSTALLED_ONLY=1 turns this off, to test an installed copy from this venv.)
+echo "import os, sys; os.environ.get('ROBOMETER_ROS_INSTALLED_ONLY') or sys.path.insert(0, '$ROOT')" \
+  > "$SITE/robometer_ros_source.pth"
 
 "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
 "$VENV/bin/python" -c "from robometer_ros.msg import StepReward, FailureFlag; import robometer_ros.model" \
