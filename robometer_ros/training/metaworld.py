@@ -1,0 +1,567 @@
+"""Simulated robot episodes from Meta-World (``robometer-dataset from-metaworld``).
+
+For every task and every episode slot this renders three episodes of one scene configuration:
+
+* an **expert** episode (the task's scripted policy), which is also the speed reference for the slot;
+* a **suboptimal-kind** episode: the expert with Gaussian action noise at one of several scales, or with a
+  segment of uniformly random actions;
+* a **failure-kind** episode: another task's scripted policy, the expert stalling part-way, or the expert
+  stopped early.
+
+The *kind* only says how an episode was made. Its quality label comes from the environment's own success
+signal (``info["success"]``), because a wrong policy often succeeds by accident and a noisy one often fails:
+
+* ``successful``: the task succeeded, and first did so no later than ``slow_factor`` x the expert's
+  first-success step in the same scene;
+* ``suboptimal``: the task succeeded, but later than that (or the slot's expert never succeeded, so there is
+  no expert speed to match);
+* ``failure``: the task never succeeded.
+
+Every episode ends ``post_success_steps`` after its first success, so all successes end the same way; the
+rest run to a horizon capped at about twice the expert's length (early stops end sooner), so episode length
+is no shortcut to the label.
+
+Rendering follows ../shared/reference/metaworld-episodes.md: camera ``corner4``, frames rotated by 180
+degrees (upright and not mirrored), shadows / reflections / MSAA off, goal marker sites hidden, MT1 task sets
+(the scripted experts need the goal in the observation). The physics runs without rendering and only the
+chosen ``frames`` states are restored and rendered, which gives the same pixels as rendering inline.
+
+Reproducible: the MT1 benchmark seed is ``--seed``, slot i uses scene configuration i of that benchmark, and
+every behaviour's randomness comes from a generator seeded by (seed, task, slot, kind), independent of which
+worker process ran it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from robometer_ros.trajectory import FAILURE, SUBOPTIMAL, SUCCESSFUL, Trajectory
+
+# Software EGL (Mesa llvmpipe) renders offscreen without a display or GPU; it must be chosen before
+# mujoco is first imported, which only happens inside the functions below.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+DATA_SOURCE = "metaworld"
+EMBODIMENT = "sawyer"
+GENERATOR_VERSION = 1
+CONFIGS_PER_BENCHMARK = 50  # MT1 builds 50 scene configurations per task and seed
+MAX_PATH_LENGTH = 500  # Meta-World truncates every episode at 500 steps
+
+# Episode kinds (how an episode was made; never its label).
+EXPERT = "expert"
+SUBOPTIMAL_KIND = "suboptimal"
+FAILURE_KIND = "failure"
+KINDS = (EXPERT, SUBOPTIMAL_KIND, FAILURE_KIND)
+
+NOISE_SCALES = (0.25, 0.5, 1.0)
+
+# One instruction per task, written for this project from what the scripted policy visibly does in the
+# corner4 view (directions checked against rendered episodes: the lever and handle-pull policies lift, the
+# window tasks slide the pane sideways, plate-slide pushes the plate away from the robot into the cabinet).
+INSTRUCTIONS: dict[str, str] = {
+    "assembly-v3": "pick up the ring and fit it over the peg",
+    "basketball-v3": "grab the ball and put it through the hoop",
+    "bin-picking-v3": "move the cube from the left bin into the right bin",
+    "box-close-v3": "lift the lid and put it on the box to close it",
+    "button-press-topdown-v3": "press the button down from above",
+    "button-press-topdown-wall-v3": "press the button down from above, behind the low wall",
+    "button-press-v3": "push the button in from the front",
+    "button-press-wall-v3": "push the button in from the front, reaching past the wall",
+    "coffee-button-v3": "press the button on the coffee machine",
+    "coffee-pull-v3": "pull the mug away from the coffee machine",
+    "coffee-push-v3": "slide the mug under the coffee machine spout",
+    "dial-turn-v3": "rotate the dial a half turn",
+    "disassemble-v3": "lift the ring off the peg",
+    "door-close-v3": "swing the door shut",
+    "door-lock-v3": "turn the door lock knob to lock it",
+    "door-open-v3": "pull the door open",
+    "door-unlock-v3": "turn the door lock knob to unlock it",
+    "drawer-close-v3": "push the drawer shut",
+    "drawer-open-v3": "pull the drawer out",
+    "faucet-close-v3": "rotate the faucet handle to turn the water off",
+    "faucet-open-v3": "rotate the faucet handle to turn the water on",
+    "hammer-v3": "pick up the hammer and drive the nail into the board",
+    "hand-insert-v3": "move the gripper down into the hole in the table",
+    "handle-press-side-v3": "press the side handle down",
+    "handle-press-v3": "press the handle down",
+    "handle-pull-side-v3": "pull the side handle up",
+    "handle-pull-v3": "pull the handle up",
+    "lever-pull-v3": "lift the lever up",
+    "peg-insert-side-v3": "pick up the peg and push it sideways into the hole",
+    "peg-unplug-side-v3": "pull the peg sideways out of the hole",
+    "pick-out-of-hole-v3": "lift the puck up out of the hole",
+    "pick-place-v3": "pick up the puck and set it down at the target",
+    "pick-place-wall-v3": "pick up the puck, carry it over the wall and set it down at the target",
+    "plate-slide-back-side-v3": "slide the plate sideways back out of the cabinet",
+    "plate-slide-back-v3": "slide the plate back out of the cabinet",
+    "plate-slide-side-v3": "slide the plate sideways into the cabinet",
+    "plate-slide-v3": "slide the plate forward into the cabinet",
+    "push-back-v3": "pull the puck back toward the robot to the target",
+    "push-v3": "push the puck along the table to the target",
+    "push-wall-v3": "push the puck around the wall to the target",
+    "reach-v3": "move the gripper to the target point",
+    "reach-wall-v3": "move the gripper over the wall to the target point",
+    "shelf-place-v3": "pick up the puck and place it on the shelf",
+    "soccer-v3": "push the ball into the goal",
+    "stick-pull-v3": "grab the stick and use it to pull the container",
+    "stick-push-v3": "grab the stick and use it to push the container",
+    "sweep-into-v3": "sweep the puck into the hole in the table",
+    "sweep-v3": "sweep the puck off the edge of the table",
+    "window-close-v3": "slide the window shut",
+    "window-open-v3": "slide the window open",
+}
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How episodes are run and rendered.
+
+    Attributes:
+        frames: frames stored per episode (evenly spaced over the episode, first and last step included).
+        size: frame height and width in pixels.
+        camera: Meta-World camera name.
+        post_success_steps: steps an episode goes on after its first success.
+        slow_factor: a success is "successful" when its first-success step is at most this times the
+            expert's in the same scene, "suboptimal" when later.
+        failure_horizon_factor: stall and wrong-policy episodes run this times the expert's length at most.
+    """
+
+    frames: int = 32
+    size: int = 128
+    camera: str = "corner4"
+    post_success_steps: int = 10
+    slow_factor: float = 1.2
+    failure_horizon_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.frames < 2:
+            raise ValueError(f"frames must be >= 2, got {self.frames}")
+        if self.size < 16:
+            raise ValueError(f"size must be >= 16 pixels, got {self.size}")
+        if self.slow_factor < 1.0:
+            raise ValueError(f"slow_factor must be >= 1, got {self.slow_factor}")
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How one episode's actions are produced.
+
+    Attributes:
+        name: expert, noisy, random_segment, wrong_policy, stall or early_stop.
+        horizon: the most steps the episode may run.
+        noise_scale: Gaussian action-noise standard deviation (noisy).
+        segment: [start, end) steps of random actions (random_segment).
+        stall_step: step from which the arm holds still (stall).
+        other_task: the task whose policy acts (wrong_policy).
+    """
+
+    name: str
+    horizon: int
+    noise_scale: float = 0.0
+    segment: tuple[int, int] | None = None
+    stall_step: int | None = None
+    other_task: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The behaviour's parameters for episode metadata (JSON-serialisable)."""
+        record = {key: value for key, value in asdict(self).items() if value is not None}
+        if "segment" in record:
+            record["segment"] = list(record["segment"])
+        return record
+
+
+def quality_label(
+    first_success_step: int | None, reference_first_success_step: int | None, slow_factor: float
+) -> str:
+    """The episode's quality from the environment's success signal alone.
+
+    Args:
+        first_success_step: the first step at which ``info["success"]`` was true, or None if never.
+        reference_first_success_step: the slot's expert first-success step, or None if the expert failed.
+        slow_factor: how much slower than the expert a success may be and still count as successful.
+    """
+    if first_success_step is None:
+        return FAILURE
+    if reference_first_success_step is None:
+        return SUBOPTIMAL  # no expert speed to compare with in this scene
+    if first_success_step <= slow_factor * reference_first_success_step:
+        return SUCCESSFUL
+    return SUBOPTIMAL
+
+
+def instruction_for(task: str) -> str:
+    """The natural-language instruction of a Meta-World task; a clear error for unknown names."""
+    try:
+        return INSTRUCTIONS[task]
+    except KeyError:
+        raise ValueError(
+            f"unknown Meta-World task {task!r}; known tasks: {', '.join(sorted(INSTRUCTIONS))}"
+        ) from None
+
+
+def behaviour_rng(seed: int, task: str, slot: int, kind: str) -> np.random.Generator:
+    """The random generator of one episode, independent of process and order of generation."""
+    return np.random.default_rng([seed, zlib.crc32(task.encode()), slot, KINDS.index(kind)])
+
+
+def plan_behaviour(
+    kind: str,
+    task: str,
+    reference_length: int,
+    rng: np.random.Generator,
+    failure_horizon_factor: float = 2.0,
+) -> Behaviour:
+    """Choose the behaviour of a suboptimal-kind or failure-kind episode.
+
+    Args:
+        kind: SUBOPTIMAL_KIND or FAILURE_KIND.
+        task: the task being attempted.
+        reference_length: the slot's expert episode length in steps.
+        rng: the episode's generator.
+        failure_horizon_factor: stall and wrong-policy episodes run at most this times reference_length.
+    """
+    settings_cap = MAX_PATH_LENGTH
+    if kind == SUBOPTIMAL_KIND:
+        choice = int(rng.integers(0, len(NOISE_SCALES) + 1))
+        if choice < len(NOISE_SCALES):
+            return Behaviour("noisy", settings_cap, noise_scale=NOISE_SCALES[choice])
+        length = int(rng.integers(15, 41))
+        start = int(rng.integers(0, max(1, int(0.7 * reference_length))))
+        return Behaviour("random_segment", settings_cap, segment=(start, start + length))
+    if kind == FAILURE_KIND:
+        horizon = min(settings_cap, math.ceil(failure_horizon_factor * reference_length))
+        choice = int(rng.integers(0, 3))
+        if choice == 0:
+            others = sorted(name for name in INSTRUCTIONS if name != task)
+            return Behaviour("wrong_policy", horizon, other_task=others[int(rng.integers(0, len(others)))])
+        if choice == 1:
+            stall = max(1, int(rng.uniform(0.2, 0.7) * reference_length))
+            return Behaviour("stall", horizon, stall_step=stall)
+        return Behaviour("early_stop", max(5, int(rng.uniform(0.2, 0.8) * reference_length)))
+    raise ValueError(f"kind must be {SUBOPTIMAL_KIND!r} or {FAILURE_KIND!r}, got {kind!r}")
+
+
+@dataclass
+class Rollout:
+    """One simulated episode before it becomes a Trajectory."""
+
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    frame_steps: np.ndarray  # int [F], simulator step of each frame (0 = reset state)
+    steps: int
+    first_success_step: int | None
+    success: np.ndarray  # bool [steps + 1], per step (step 0 = reset state, never a success)
+    in_place: np.ndarray  # float [steps + 1], Meta-World's in_place_reward (a state-based progress proxy)
+    dt: float
+
+
+class TaskScene:
+    """One Meta-World environment of a task, set up for fast, upright, marker-free offscreen rendering.
+
+    Args:
+        task: Meta-World v3 task name.
+        seed: MT1 benchmark seed (selects the 50 scene configurations).
+        settings: render settings.
+    """
+
+    def __init__(self, task: str, seed: int, settings: RenderSettings) -> None:
+        instruction_for(task)  # validates the name
+        warnings.filterwarnings("ignore", module="metaworld")  # policies warn about clipping every step
+        import metaworld
+        import mujoco
+
+        self._mujoco = mujoco
+        self.task = task
+        self.settings = settings
+        self._benchmark = metaworld.MT1(task, seed=seed)
+        env = self._benchmark.train_classes[task](
+            render_mode="rgb_array", camera_name=settings.camera, width=settings.size, height=settings.size
+        )
+        self.env = env
+        env.set_task(self._benchmark.train_tasks[0])
+        env.reset()
+        # MSAA is a model option and must be off before the GL context is created by _get_viewer.
+        env.model.vis.quality.offsamples = 0
+        viewer = env.mujoco_renderer._get_viewer("rgb_array")
+        viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+        viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        # Goal markers are sites: they would show the model where "done" is, a shortcut a real camera lacks.
+        viewer.vopt.sitegroup[:] = 0
+        self._viewer = viewer
+        self._state_spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
+        self._state_size = mujoco.mj_stateSize(env.model, self._state_spec)
+
+    def close(self) -> None:
+        """Free the GL context in its own context (else the next scene of this process renders black)."""
+        self._viewer.make_context_current()
+        self._viewer.con.free()
+        self.env.close()
+
+    def reset(self, config_index: int) -> np.ndarray:
+        """Put the scene in configuration ``config_index`` of the benchmark and return the observation."""
+        self.env.set_task(self._benchmark.train_tasks[config_index % len(self._benchmark.train_tasks)])
+        return self.env.reset()[0]
+
+    def run(self, config_index: int, behaviour: Behaviour, rng: np.random.Generator) -> Rollout:
+        """Run one episode in configuration ``config_index`` and render its frames."""
+        from metaworld.policies import ENV_POLICY_MAP
+
+        mujoco = self._mujoco
+        env = self.env
+        obs = self.reset(config_index)
+        expert = ENV_POLICY_MAP[self.task]()
+        actor = ENV_POLICY_MAP[behaviour.other_task]() if behaviour.other_task else expert
+        horizon = min(behaviour.horizon, MAX_PATH_LENGTH)
+        states = np.empty((horizon + 1, self._state_size))
+        mujoco.mj_getState(env.model, env.data, states[0], self._state_spec)
+        success = [False]
+        in_place: list[float] = []
+        first_success: int | None = None
+        hold_gripper = 0.0
+        steps = 0
+        for step in range(horizon):
+            action = np.asarray(actor.get_action(obs), dtype=np.float64)
+            if behaviour.name == "noisy":
+                action = np.clip(action + rng.normal(0.0, behaviour.noise_scale, 4), -1.0, 1.0)
+            elif behaviour.segment is not None and behaviour.segment[0] <= step < behaviour.segment[1]:
+                action = rng.uniform(-1.0, 1.0, 4)
+            elif behaviour.stall_step is not None:
+                if step >= behaviour.stall_step:
+                    action = np.array([0.0, 0.0, 0.0, hold_gripper])
+                else:
+                    hold_gripper = float(action[3])
+            obs, _, _, truncated, info = env.step(action)
+            steps = step + 1
+            mujoco.mj_getState(env.model, env.data, states[steps], self._state_spec)
+            success.append(bool(info["success"]))
+            in_place.append(float(info.get("in_place_reward", 0.0)))
+            if first_success is None and info["success"]:
+                first_success = steps
+            if first_success is not None and steps >= first_success + self.settings.post_success_steps:
+                break
+            if truncated:
+                break
+        # The reset state has no info; it gets the first step's value (it moved by one step at most).
+        in_place_array = np.array([in_place[0], *in_place], dtype=np.float32)
+        frame_steps = np.rint(np.linspace(0, steps, self.settings.frames)).astype(np.int64)
+        frames = np.empty((len(frame_steps), self.settings.size, self.settings.size, 3), np.uint8)
+        for j, step in enumerate(frame_steps):
+            mujoco.mj_setState(env.model, env.data, states[step], self._state_spec)
+            mujoco.mj_forward(env.model, env.data)
+            frames[j] = self._render()
+        return Rollout(
+            frames=frames,
+            frame_steps=frame_steps,
+            steps=steps,
+            first_success_step=first_success,
+            success=np.array(success, dtype=bool),
+            in_place=in_place_array,
+            dt=float(env.dt),
+        )
+
+    def _render(self) -> np.ndarray:
+        # Make this scene's context current: another scene created or freed in this process may have
+        # unbound it, which renders black frames.
+        self._viewer.make_context_current()
+        image = self.env.render()
+        # Meta-World's cameras have "up" along -z, so the image is upside down; rotating 180 degrees is
+        # the physically right fix (a vertical flip alone would mirror the scene).
+        return np.ascontiguousarray(image[::-1, ::-1])
+
+
+def frame_progress(rollout: Rollout) -> tuple[np.ndarray, str]:
+    """Per-frame simulator progress and where it came from.
+
+    Successes: time progress to the first success, ``clip(step / first_success, 0, 1)``. Otherwise
+    Meta-World's ``in_place_reward`` (a state-based [0, 1] measure of how close the object is to its goal).
+    """
+    if rollout.first_success_step is not None:
+        progress = np.clip(rollout.frame_steps / rollout.first_success_step, 0.0, 1.0)
+        return progress.astype(np.float32), "time_to_first_success"
+    return np.clip(rollout.in_place[rollout.frame_steps], 0.0, 1.0).astype(np.float32), "in_place_reward"
+
+
+def to_trajectory(
+    rollout: Rollout,
+    task: str,
+    seed: int,
+    slot: int,
+    kind: str,
+    behaviour: Behaviour,
+    reference_first_success_step: int | None,
+    settings: RenderSettings,
+) -> Trajectory:
+    """Label a rollout by its success signal and wrap it as a Trajectory."""
+    label = quality_label(rollout.first_success_step, reference_first_success_step, settings.slow_factor)
+    progress, progress_source = frame_progress(rollout)
+    return Trajectory(
+        instruction=instruction_for(task),
+        frames=rollout.frames,
+        frame_stamps=rollout.frame_steps * rollout.dt,
+        quality_label=label,
+        progress=progress,
+        data_source=DATA_SOURCE,
+        embodiment=EMBODIMENT,
+        episode_id=f"{task}/seed{seed}/slot{slot:02d}/{kind}",
+        metadata={
+            "task": task,
+            "seed": seed,
+            "slot": slot,
+            "config_index": slot % CONFIGS_PER_BENCHMARK,
+            "kind": kind,
+            "behaviour": behaviour.name,
+            "behaviour_params": behaviour.params(),
+            "steps": rollout.steps,
+            "first_success_step": rollout.first_success_step,
+            "expert_first_success_step": reference_first_success_step,
+            "slow_factor": settings.slow_factor,
+            "frame_steps": rollout.frame_steps.tolist(),
+            "frame_success": rollout.success[rollout.frame_steps].tolist(),
+            "progress_source": progress_source,
+            "camera": settings.camera,
+            "control_dt": rollout.dt,
+            "generator_version": GENERATOR_VERSION,
+        },
+    )
+
+
+def generate_slot(scene: TaskScene, seed: int, slot: int, settings: RenderSettings) -> list[Trajectory]:
+    """The expert, suboptimal-kind and failure-kind episodes of one scene configuration."""
+    task = scene.task
+    expert = Behaviour(EXPERT, MAX_PATH_LENGTH)
+    expert_rollout = scene.run(slot, expert, behaviour_rng(seed, task, slot, EXPERT))
+    reference = expert_rollout.first_success_step
+    reference_length = expert_rollout.steps
+    trajectories = [to_trajectory(expert_rollout, task, seed, slot, EXPERT, expert, reference, settings)]
+    for kind in (SUBOPTIMAL_KIND, FAILURE_KIND):
+        rng = behaviour_rng(seed, task, slot, kind)
+        behaviour = plan_behaviour(kind, task, reference_length, rng, settings.failure_horizon_factor)
+        rollout = scene.run(slot, behaviour, rng)
+        trajectories.append(to_trajectory(rollout, task, seed, slot, kind, behaviour, reference, settings))
+    return trajectories
+
+
+# Work units are (task, slot); each worker process keeps one scene (its own env and GL context) per task.
+_worker_scene: TaskScene | None = None
+_worker_scene_key: tuple[str, int] | None = None
+
+
+def _run_unit(unit: tuple[str, int, int, RenderSettings]) -> list[Trajectory]:
+    global _worker_scene, _worker_scene_key
+    task, seed, slot, settings = unit
+    if _worker_scene_key != (task, seed):
+        if _worker_scene is not None:
+            _worker_scene.close()
+        _worker_scene = TaskScene(task, seed, settings)
+        _worker_scene_key = (task, seed)
+    return generate_slot(_worker_scene, seed, slot, settings)
+
+
+def _close_worker_scene() -> None:
+    global _worker_scene, _worker_scene_key
+    if _worker_scene is not None:
+        _worker_scene.close()
+    _worker_scene, _worker_scene_key = None, None
+
+
+def generate(
+    tasks: Sequence[str],
+    episodes_per_task: int,
+    seed: int,
+    settings: RenderSettings | None = None,
+    workers: int = 1,
+    progress_bar: bool = True,
+) -> Iterator[Trajectory]:
+    """Yield 3 x ``episodes_per_task`` labelled Trajectories per task, in task and slot order.
+
+    Args:
+        tasks: Meta-World v3 task names.
+        episodes_per_task: episode slots per task (each gives an expert, a suboptimal-kind and a
+            failure-kind episode); at most 50, the scene configurations of one MT1 seed.
+        seed: MT1 benchmark seed and the root of every behaviour's randomness.
+        settings: render settings (defaults: 32 frames, 128 px, corner4).
+        workers: processes; 1 runs in this process. Each worker builds its own environments.
+        progress_bar: show a tqdm bar of slots done.
+    """
+    settings = settings or RenderSettings()
+    if not tasks:
+        raise ValueError("no tasks given")
+    for task in tasks:
+        instruction_for(task)
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks repeat: {list(tasks)}")
+    if not 1 <= episodes_per_task <= CONFIGS_PER_BENCHMARK:
+        raise ValueError(
+            f"episodes_per_task must be in [1, {CONFIGS_PER_BENCHMARK}] (the scene configurations of one "
+            f"MT1 seed), got {episodes_per_task}; generate more with further --seed values"
+        )
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    units = [(task, seed, slot, settings) for task in tasks for slot in range(episodes_per_task)]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(units), unit="slot", desc="metaworld", disable=not progress_bar)
+    try:
+        if workers == 1:
+            try:
+                for unit in units:
+                    yield from _run_unit(unit)
+                    bar.update(1)
+            finally:
+                _close_worker_scene()
+        else:
+            # spawn: a fresh interpreter per worker, so no GL state is inherited through fork.
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(workers) as pool:
+                # chunks of one task's slots keep each worker on one scene as long as possible
+                for trajectories in pool.imap(_run_unit, units, chunksize=max(1, episodes_per_task // 2)):
+                    yield from trajectories
+                    bar.update(1)
+    finally:
+        bar.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``from-metaworld`` subcommand's arguments."""
+    parser.add_argument("--tasks", nargs="+", required=True, help="Meta-World v3 task names, e.g. door-open-v3")
+    parser.add_argument("--episodes-per-task", type=int, default=20, help="slots per task (3 episodes each)")
+    parser.add_argument("--seed", type=int, default=0, help="MT1 benchmark seed and behaviour seed root")
+    parser.add_argument("--out", required=True, help="dataset directory to create")
+    parser.add_argument("--frames", type=int, default=32, help="frames per episode")
+    parser.add_argument("--size", type=int, default=128, help="frame height and width in pixels")
+    parser.add_argument("--camera", default="corner4", help="Meta-World camera name")
+    parser.add_argument("--slow-factor", type=float, default=1.2,
+                        help="a success slower than this times the expert's is labelled suboptimal")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--frame-codec", default="png", choices=("png", "jpeg", "npz"))
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate the episodes and write them to ``args.out``; prints a label count per kind."""
+    from robometer_ros.training.data import DatasetWriter
+
+    settings = RenderSettings(
+        frames=args.frames, size=args.size, camera=args.camera, slow_factor=args.slow_factor
+    )
+    counts: dict[tuple[str, str], int] = {}
+    with DatasetWriter(args.out, frame_codec=args.frame_codec) as writer:
+        for trajectory in generate(
+            args.tasks, args.episodes_per_task, args.seed, settings, args.workers, not args.no_progress
+        ):
+            writer.add(trajectory)
+            key = (trajectory.metadata["kind"], trajectory.quality_label)
+            counts[key] = counts.get(key, 0) + 1
+    print(f"wrote {sum(counts.values())} episodes to {args.out}")
+    for (kind, label), count in sorted(counts.items()):
+        print(f"  {kind:<10s} -> {label:<10s} {count}")
+    return 0
