@@ -1,0 +1,145 @@
+"""ONNX Runtime backend: TensorRT -> CUDA -> CPU execution providers, whichever really loads.
+
+``onnxruntime-gpu`` lists TensorRT and CUDA in ``get_available_providers()`` even on a machine where
+their libraries cannot load, then silently falls back to CPU at session creation. The only truth is
+``session.get_providers()`` after the session exists, so that is what ``backend_name`` reports and
+what is logged (with a warning when it is not the provider asked for first).
+
+Does not import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robometer_ros.engine.bundle import PART_LANGUAGE, PART_LANGUAGE_PREFERENCE, PART_VISION, Bundle
+from robometer_ros.engine.runtime import (
+    FrameFeatures,
+    HeadOutputs,
+    LanguageInputs,
+    Runtime,
+    RuntimeUnavailableError,
+)
+
+LOG = logging.getLogger(__name__)
+
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def _trt_cache_dir(bundle: Bundle) -> str:
+    """Where the TensorRT EP caches its engines: in the bundle if writable, else the user cache."""
+    in_bundle = bundle.root / "engines" / "onnxruntime_trt_cache"
+    try:
+        in_bundle.mkdir(parents=True, exist_ok=True)
+        if os.access(in_bundle, os.W_OK):
+            return str(in_bundle)
+    except OSError:
+        pass
+    fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "robometer_ros" / "ort_trt"
+    fallback = fallback / bundle.model_id.replace("/", "_")
+    fallback.mkdir(parents=True, exist_ok=True)
+    return str(fallback)
+
+
+class OnnxRuntimeRuntime(Runtime):
+    """The bundle's ONNX parts in ONNX Runtime sessions (the preference session is created on first use)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+        trt_fp16: bool = True,
+        **_: Any,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from exc
+        self._ort = ort
+        self.bundle = bundle
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in PROVIDER_PREFERENCE if p in available]
+        else:
+            missing = [p for p in providers if p not in available]
+            if missing:
+                raise RuntimeUnavailableError(
+                    f"onnxruntime providers {missing} are not available here; available: {available}"
+                )
+        self.requested_providers = list(providers)
+        self._provider_options: list[dict[str, Any]] = []
+        for p in self.requested_providers:
+            if p == "TensorrtExecutionProvider":
+                self._provider_options.append({
+                    "trt_fp16_enable": bool(trt_fp16),
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": _trt_cache_dir(bundle),
+                })
+            else:
+                self._provider_options.append({})
+        self._intra_op_threads = intra_op_threads
+        self._sessions: dict[str, Any] = {}
+        self.providers_in_use: dict[str, list[str]] = {}
+        self._session(PART_VISION)
+        self._session(PART_LANGUAGE)
+        main = self.providers_in_use[PART_LANGUAGE][0]
+        self.backend_name = f"onnxruntime:{main}"
+
+    def _session(self, part: str) -> Any:
+        session = self._sessions.get(part)
+        if session is not None:
+            return session
+        options = self._ort.SessionOptions()
+        if self._intra_op_threads is not None:
+            options.intra_op_num_threads = int(self._intra_op_threads)
+        options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = self.bundle.part_path(part)
+        session = self._ort.InferenceSession(
+            str(path), options, providers=self.requested_providers, provider_options=self._provider_options
+        )
+        actual = list(session.get_providers())
+        self.providers_in_use[part] = actual
+        if self.requested_providers and actual[0] != self.requested_providers[0]:
+            LOG.warning(
+                "onnxruntime %s part: asked for %s but it runs on %s (the provider could not load)",
+                part, self.requested_providers[0], actual[0],
+            )
+        else:
+            LOG.info("onnxruntime %s part runs on %s", part, actual)
+        self._sessions[part] = session
+        return session
+
+    def encode_frame(self, pixel_values: np.ndarray) -> FrameFeatures:
+        """Vision part on one frame's patch rows."""
+        session = self._session(PART_VISION)
+        visual, deepstack = session.run(
+            ["visual_embeds", "deepstack_embeds"],
+            {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)},
+        )
+        return FrameFeatures(visual=visual, deepstack=deepstack)
+
+    def run_language(self, inputs: LanguageInputs, frames: Sequence[FrameFeatures]) -> HeadOutputs:
+        """Language part (or its preference variant) on one prompt."""
+        preference = inputs.pref_position is not None
+        session = self._session(PART_LANGUAGE_PREFERENCE if preference else PART_LANGUAGE)
+        feed = inputs.as_feed()
+        feed["visual_embeds"] = np.concatenate([f.visual for f in frames], axis=0)
+        feed["deepstack_embeds"] = np.concatenate([f.deepstack for f in frames], axis=1)
+        names = ["progress_logits", "success_logits"] + (["preference_logit"] if preference else [])
+        out = session.run(names, feed)
+        return HeadOutputs(
+            progress_logits=np.asarray(out[0], dtype=np.float32),
+            success_logits=np.asarray(out[1], dtype=np.float32),
+            preference_logit=np.asarray(out[2], dtype=np.float32) if preference else None,
+        )
+
+    def close(self) -> None:
+        """Drop the sessions."""
+        self._sessions.clear()

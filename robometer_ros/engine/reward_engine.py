@@ -1,0 +1,295 @@
+"""RewardEngine: encode each frame once, cache its features by frame id, score any subsample of them.
+
+Qwen3-VL's vision encoder encodes each image on its own, so a frame's visual and deepstack features
+do not depend on the other frames or on the prompt: computing them once at ``add_frame`` and reusing
+them at every later ``score`` is exact. A scoring step is then only the language part on the prompt
+built for those frames (docs/ARCHITECTURE.md, "Model split" and "Contracts").
+
+Thread safety: one producer thread (``add_frame``/``forget``) and one scorer thread (``score``/
+``preference``) may run at the same time. The cache is guarded by a lock held only for dictionary
+work; the vision part and the language part each have their own lock, so encoding a new frame and
+scoring the previous ones overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from robometer_ros.engine.bundle import Bundle
+from robometer_ros.engine.runtime import (
+    FrameFeatures,
+    HeadOutputs,
+    LanguageInputs,
+    Runtime,
+    check_finite,
+    create_runtime,
+)
+from robometer_ros.model.progress import expected_progress_np, sigmoid_np
+from robometer_ros.model.prompt import PromptBuilder
+from robometer_ros.preprocess import FramePreprocessor
+
+LOG = logging.getLogger(__name__)
+
+
+class ModelOutputError(RuntimeError):
+    """The model produced NaN or inf; the scores of this call must not be used."""
+
+
+class UnknownFrameError(LookupError):
+    """``score`` or ``preference`` named frame ids that were never added or were forgotten."""
+
+    def __str__(self) -> str:  # LookupError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-frame outputs of one scoring call, in the order of the frame ids given.
+
+    ``progress`` is the C51 expectation over the progress bins (in [0, 1]); ``success_probability``
+    the sigmoid of the success logit; ``inference_time`` the seconds the call took (prompt + language
+    part + decode; the vision part ran earlier, in ``add_frame``).
+    """
+
+    progress: np.ndarray
+    success_probability: np.ndarray
+    progress_logits: np.ndarray
+    success_logits: np.ndarray
+    inference_time: float
+    frame_ids: tuple[Hashable, ...] = field(default=())
+
+
+class RewardEngine:
+    """Frame-caching Robometer scorer over a bundle (see the module docstring).
+
+    Args:
+        bundle: a ``Bundle`` or the path of one (opened with ``verify_checksums``).
+        backend: "auto", "tensorrt", "onnxruntime" or "torch" (see ``runtime.create_runtime``).
+        device: torch device for the torch backend.
+        runtime: an already created ``Runtime`` (tests, benchmarks); ``backend`` is then ignored.
+        max_cached_frames: optional bound on cached frames; the oldest added are evicted first.
+        verify_checksums: hash every bundle file when opening it from a path (slow for 8 GB bundles).
+        runtime_options: passed to the runtime (e.g. ``intra_op_threads``, ``providers``, ``precision``).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike[str],
+        backend: str = "auto",
+        device: str | None = None,
+        runtime: Runtime | None = None,
+        max_cached_frames: int | None = None,
+        verify_checksums: bool = True,
+        **runtime_options: Any,
+    ) -> None:
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.open(bundle, verify_checksums=verify_checksums)
+        self.bundle = bundle
+        m = bundle.manifest
+        self.runtime = runtime if runtime is not None else create_runtime(bundle, backend, device, **runtime_options)
+        f = m.frame
+        self.preprocessor = FramePreprocessor(
+            f.height, f.width, f.patch_size, f.merge_size, f.temporal_patch_size, f.image_mean, f.image_std
+        )
+        self.prompts = PromptBuilder.from_file(bundle.tokenizer_path, f.merge_size)
+        self._grid = f.grid_thw
+        if max_cached_frames is not None and max_cached_frames < 1:
+            raise ValueError(f"max_cached_frames must be at least 1, got {max_cached_frames}")
+        self._max_cached = max_cached_frames
+        self._cache: OrderedDict[Hashable, FrameFeatures] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
+        self._vision_lock = threading.Lock()
+        self._language_lock = threading.Lock()
+        self._layouts: OrderedDict[tuple, LanguageInputs] = OrderedDict()
+        self._layout_lock = threading.Lock()
+        LOG.info("RewardEngine %s on %s (frame %dx%d, %d frames)", self.model_id, self.backend_name, f.height,
+                 f.width, self.num_frames)
+
+    # ---- identity ------------------------------------------------------------------------------
+    @property
+    def backend_name(self) -> str:
+        """Which backend really runs, e.g. "onnxruntime:CPUExecutionProvider", "tensorrt:fp16", "torch:cpu"."""
+        return self.runtime.backend_name
+
+    @property
+    def model_id(self) -> str:
+        """The bundle's model id."""
+        return self.bundle.model_id
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per scored prompt the model was trained with (the subsample size)."""
+        return self.bundle.manifest.num_frames
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) every frame is resized to before the vision part."""
+        return (self.bundle.manifest.frame.height, self.bundle.manifest.frame.width)
+
+    # ---- cache ---------------------------------------------------------------------------------
+    def add_frame(self, frame_id: Hashable, image: np.ndarray) -> None:
+        """Preprocess and encode one uint8 RGB frame [H, W, 3] (any size) and cache it under ``frame_id``.
+
+        Adding an id that is already cached replaces its features.
+        """
+        try:
+            hash(frame_id)
+        except TypeError:
+            raise TypeError(f"frame_id must be hashable, got {type(frame_id).__name__}") from None
+        pixel_values = self.preprocessor(image)
+        with self._vision_lock:
+            features = self.runtime.encode_frame(pixel_values)
+        with self._cache_lock:
+            old = self._cache.pop(frame_id, None)
+            if old is not None:
+                self._cache_bytes -= old.nbytes
+            self._cache[frame_id] = features
+            self._cache_bytes += features.nbytes
+            if self._max_cached is not None:
+                while len(self._cache) > self._max_cached:
+                    _, evicted = self._cache.popitem(last=False)
+                    self._cache_bytes -= evicted.nbytes
+
+    def forget(self, frame_ids: Iterable[Hashable]) -> None:
+        """Drop cached frames (ids that are not cached are ignored)."""
+        with self._cache_lock:
+            for frame_id in frame_ids:
+                old = self._cache.pop(frame_id, None)
+                if old is not None:
+                    self._cache_bytes -= old.nbytes
+
+    def clear(self) -> None:
+        """Drop every cached frame (e.g. at a new episode)."""
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_bytes = 0
+
+    def __contains__(self, frame_id: Hashable) -> bool:
+        with self._cache_lock:
+            return frame_id in self._cache
+
+    def __len__(self) -> int:
+        with self._cache_lock:
+            return len(self._cache)
+
+    def cached_frame_ids(self) -> list[Hashable]:
+        """Cached ids, oldest added first."""
+        with self._cache_lock:
+            return list(self._cache)
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Memory held by cached features (host or device)."""
+        with self._cache_lock:
+            return self._cache_bytes
+
+    def _features(self, frame_ids: Sequence[Hashable], what: str) -> list[FrameFeatures]:
+        if isinstance(frame_ids, (str, bytes)) or not isinstance(frame_ids, Sequence):
+            raise TypeError(f"{what} must be a sequence of frame ids, got {type(frame_ids).__name__}")
+        if len(frame_ids) == 0:
+            raise ValueError(f"{what} is empty: at least one frame is needed")
+        limit = self.bundle.manifest.sequence.max_frames
+        if len(frame_ids) > limit:
+            raise ValueError(f"{what} has {len(frame_ids)} frames; this bundle scores at most {limit} per prompt "
+                             "(subsample them, e.g. robometer_ros.episode.subsample_indices)")
+        with self._cache_lock:
+            missing = [fid for fid in frame_ids if fid not in self._cache]
+            if missing:
+                shown = ", ".join(repr(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise UnknownFrameError(
+                    f"{len(missing)} frame id(s) in {what} are not cached (never added or forgotten): {shown}"
+                )
+            return [self._cache[fid] for fid in frame_ids]
+
+    # ---- scoring -------------------------------------------------------------------------------
+    @staticmethod
+    def _check_instruction(instruction: str) -> str:
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+        if not instruction.strip():
+            raise ValueError("instruction is empty: Robometer scores progress towards a task description")
+        return instruction
+
+    def _inputs(self, key: tuple, build: Any, max_length: int) -> LanguageInputs:
+        with self._layout_lock:
+            cached = self._layouts.get(key)
+            if cached is not None:
+                self._layouts.move_to_end(key)
+                return cached
+        layout = build()
+        if layout.seq_len > max_length:
+            raise ValueError(
+                f"prompt is {layout.seq_len} tokens, above this bundle's maximum of {max_length} "
+                f"(instruction too long: at most ~{self.bundle.manifest.sequence.max_instruction_tokens} tokens)"
+            )
+        inputs = LanguageInputs(
+            input_ids=layout.input_ids,
+            position_ids=layout.position_ids,
+            visual_index=layout.visual_index,
+            visual_mask=layout.visual_mask,
+            prog_positions=layout.prog_positions,
+            pref_position=layout.pref_position,
+        )
+        with self._layout_lock:
+            self._layouts[key] = inputs
+            if len(self._layouts) > 32:
+                self._layouts.popitem(last=False)
+        return inputs
+
+    def _run(self, inputs: LanguageInputs, features: list[FrameFeatures]) -> HeadOutputs:
+        with self._language_lock:
+            outputs = self.runtime.run_language(inputs, features)
+        bad = check_finite(outputs)
+        if bad:
+            raise ModelOutputError(f"{self.backend_name} returned non-finite values in {', '.join(bad)}")
+        return outputs
+
+    def score(self, instruction: str, frame_ids: Sequence[Hashable]) -> Scores:
+        """Per-frame progress and success for the cached frames ``frame_ids`` (oldest first) and the task.
+
+        Raises ``UnknownFrameError`` for ids not cached, ``ValueError`` for an empty instruction or too
+        many frames, ``ModelOutputError`` when the model returns NaN/inf.
+        """
+        start = time.perf_counter()
+        self._check_instruction(instruction)
+        features = self._features(frame_ids, "frame_ids")
+        grids = [self._grid] * len(features)
+        inputs = self._inputs(("progress", instruction, len(features)),
+                              lambda: self.prompts.progress(instruction, grids),
+                              self.bundle.manifest.sequence.max_length)
+        outputs = self._run(inputs, features)
+        return Scores(
+            progress=expected_progress_np(outputs.progress_logits),
+            success_probability=sigmoid_np(outputs.success_logits),
+            progress_logits=outputs.progress_logits,
+            success_logits=outputs.success_logits,
+            inference_time=time.perf_counter() - start,
+            frame_ids=tuple(frame_ids),
+        )
+
+    def preference(self, instruction: str, frame_ids_a: Sequence[Hashable], frame_ids_b: Sequence[Hashable]) -> float:
+        """P(trajectory A makes more progress on the task than trajectory B) = sigmoid(preference logit)."""
+        self._check_instruction(instruction)
+        features = self._features(frame_ids_a, "frame_ids_a") + self._features(frame_ids_b, "frame_ids_b")
+        na, nb = len(frame_ids_a), len(frame_ids_b)
+        inputs = self._inputs(("preference", instruction, na, nb),
+                              lambda: self.prompts.preference(instruction, [self._grid] * na, [self._grid] * nb),
+                              self.bundle.manifest.sequence.preference_max_length)
+        outputs = self._run(inputs, features)
+        assert outputs.preference_logit is not None  # the preference part always returns it
+        return float(sigmoid_np(outputs.preference_logit)[0])
+
+    def close(self) -> None:
+        """Drop the cache and release the runtime."""
+        self.clear()
+        self.runtime.close()

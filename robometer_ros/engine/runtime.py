@@ -1,0 +1,183 @@
+"""One interface over the three ways to run the two model parts: torch, onnxruntime, tensorrt.
+
+A runtime runs the *vision part* (one frame's patch rows -> that frame's visual and deepstack
+features) and the *language part* (prompt + the features of the prompt's frames -> per-frame heads),
+exactly as described under "Model split" in docs/ARCHITECTURE.md. Host-side work (preprocessing,
+tokenizing, the prompt layout, M-RoPE ids) is the RewardEngine's job, not the runtime's.
+
+Frame features stay in the runtime's native memory (numpy for onnxruntime, torch tensors on the
+runtime's device for torch and tensorrt), so a frame encoded on the GPU is never copied back to the
+host just to be concatenated and copied up again at the next step.
+
+This module imports neither torch nor onnxruntime nor tensorrt; each runtime imports its own
+library when it is created.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from robometer_ros.engine.bundle import Bundle, BundleError
+
+LOG = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+
+
+class RuntimeUnavailableError(RuntimeError):
+    """The requested backend cannot run here (library missing, no GPU, no engine/checkpoint in the bundle)."""
+
+
+@dataclass
+class FrameFeatures:
+    """The vision part's output for one frame, in the runtime's native array type.
+
+    ``visual``: [tokens_per_frame, hidden]; ``deepstack``: [num_deepstack, tokens_per_frame, hidden].
+    """
+
+    visual: Any
+    deepstack: Any
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by this frame's features (numpy or torch)."""
+        return int(_nbytes(self.visual) + _nbytes(self.deepstack))
+
+
+def _nbytes(array: Any) -> int:
+    if hasattr(array, "nbytes"):
+        return int(array.nbytes)
+    return int(array.numel() * array.element_size())
+
+
+@dataclass
+class LanguageInputs:
+    """Host-side (numpy) inputs of the language part for one prompt; see model/prompt.py.
+
+    ``pref_position`` is None for a progress prompt and set for a preference prompt.
+    """
+
+    input_ids: np.ndarray  # [1, L] int64
+    position_ids: np.ndarray  # [3, 1, L] int64
+    visual_index: np.ndarray  # [1, L] int64
+    visual_mask: np.ndarray  # [1, L] bool
+    prog_positions: np.ndarray  # [F] int64
+    pref_position: np.ndarray | None = None  # [1] int64
+
+    def as_feed(self) -> dict[str, np.ndarray]:
+        """The ONNX input dict (without the visual features)."""
+        feed = {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "visual_index": self.visual_index,
+            "visual_mask": self.visual_mask,
+            "prog_positions": self.prog_positions,
+        }
+        if self.pref_position is not None:
+            feed["pref_position"] = self.pref_position
+        return feed
+
+
+@dataclass
+class HeadOutputs:
+    """Raw head outputs as float32 numpy: ``progress_logits`` [F, bins], ``success_logits`` [F],
+    ``preference_logit`` [1] (preference prompts only)."""
+
+    progress_logits: np.ndarray
+    success_logits: np.ndarray
+    preference_logit: np.ndarray | None = None
+
+
+class Runtime(ABC):
+    """Runs the bundle's vision and language parts on one backend."""
+
+    #: e.g. "torch:cpu", "onnxruntime:CUDAExecutionProvider", "tensorrt:fp16"
+    backend_name: str = ""
+
+    @abstractmethod
+    def encode_frame(self, pixel_values: np.ndarray) -> FrameFeatures:
+        """Vision part on one frame: ``pixel_values`` [patches_per_frame, patch_dim] float32."""
+
+    @abstractmethod
+    def run_language(self, inputs: LanguageInputs, frames: Sequence[FrameFeatures]) -> HeadOutputs:
+        """Language part + heads on one prompt whose frames are ``frames`` (in prompt order).
+
+        Uses the preference variant when ``inputs.pref_position`` is set.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most runtimes free on garbage collection
+        """Release sessions, engines and device memory."""
+
+
+def module_available(name: str) -> bool:
+    """Whether ``import name`` would find a module, without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def create_runtime(bundle: Bundle, backend: str = "auto", device: str | None = None, **options: Any) -> Runtime:
+    """Create the runtime for ``backend`` ("auto", "tensorrt", "onnxruntime", "torch").
+
+    ``auto`` picks tensorrt when a current plan for this GPU, TensorRT version and precision is in the
+    bundle; else onnxruntime when it is installed; else torch when the bundle has a checkpoint.
+    ``device`` is for the torch backend ("cpu", "cuda", "cuda:1"); ``options`` go to the runtime.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        reasons = []
+        try:
+            from robometer_ros.engine.trt_runtime import find_usable_engines
+
+            if find_usable_engines(bundle, options.get("precision")) is not None:
+                backend = "tensorrt"
+            else:
+                reasons.append("tensorrt: no current plan for this GPU in the bundle")
+        except RuntimeUnavailableError as exc:
+            reasons.append(f"tensorrt: {exc}")
+        if backend == "auto":
+            if module_available("onnxruntime"):
+                backend = "onnxruntime"
+            elif bundle.checkpoint_path is not None and module_available("torch"):
+                backend = "torch"
+            else:
+                raise RuntimeUnavailableError(
+                    "no backend can run this bundle: " + "; ".join(reasons)
+                    + "; onnxruntime is not installed; torch needs torch and a checkpoint/ in the bundle"
+                )
+        LOG.info("backend auto -> %s (%s)", backend, "; ".join(reasons) or "engine found")
+    if backend == "tensorrt":
+        from robometer_ros.engine.trt_runtime import TensorRTRuntime
+
+        return TensorRTRuntime(bundle, **options)
+    if backend == "onnxruntime":
+        from robometer_ros.engine.ort_runtime import OnnxRuntimeRuntime
+
+        return OnnxRuntimeRuntime(bundle, **options)
+    from robometer_ros.engine.torch_runtime import TorchRuntime
+
+    if bundle.checkpoint_path is None:
+        raise BundleError(
+            f"{bundle.root}: the torch backend needs a checkpoint/ in the bundle "
+            "(export with robometer-export --include-checkpoint)"
+        )
+    return TorchRuntime.from_bundle(bundle, device=device or "cpu", **options)
+
+
+def check_finite(outputs: HeadOutputs) -> list[str]:
+    """Names of the outputs that hold NaN or inf (empty when all are finite)."""
+    bad = []
+    for name in ("progress_logits", "success_logits", "preference_logit"):
+        value = getattr(outputs, name)
+        if value is not None and not np.all(np.isfinite(value)):
+            bad.append(name)
+    return bad
