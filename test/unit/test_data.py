@@ -1,0 +1,165 @@
+"""The on-disk trajectory store: round trips, shards, lazy reads, filters, index maps, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robometer_ros.training.data import (
+    Dataset,
+    DatasetError,
+    DatasetWriter,
+    InMemoryDataset,
+    summarize,
+    write_dataset,
+)
+from robometer_ros.trajectory import Trajectory
+
+
+def _trajectory(number: int, task: str = "pick", label: str = "successful", n: int = 6, **kwargs) -> Trajectory:
+    rng = np.random.default_rng(number)
+    frames = rng.integers(0, 256, size=(n, 12, 16, 3), dtype=np.uint8)
+    return Trajectory(
+        instruction=task,
+        frames=frames,
+        frame_stamps=np.arange(n) * 0.5 + number,
+        quality_label=label,
+        episode_id=f"ep{number}",
+        metadata={"number": number},
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("codec", ["png", "npz"])
+def test_lossless_round_trip(tmp_path: Path, codec: str) -> None:
+    originals = [
+        _trajectory(0, progress=np.linspace(0, 1, 6), partial_success=0.4, data_source="lab", embodiment="so101"),
+        _trajectory(1, task="place", label="failure", n=9),
+    ]
+    dataset = write_dataset(tmp_path / "ds", originals, frame_codec=codec)
+    assert len(dataset) == 2
+    for original, loaded in zip(originals, dataset):
+        np.testing.assert_array_equal(loaded.frames, original.frames)
+        np.testing.assert_array_equal(loaded.frame_stamps, original.frame_stamps)
+        assert loaded.instruction == original.instruction
+        assert loaded.quality_label == original.quality_label
+        assert loaded.partial_success == original.partial_success
+        assert loaded.data_source == original.data_source
+        assert loaded.embodiment == original.embodiment
+        assert loaded.episode_id == original.episode_id
+        assert loaded.metadata == original.metadata
+    np.testing.assert_allclose(dataset[0].progress, np.linspace(0, 1, 6))
+    assert dataset[1].progress is None
+
+
+def test_jpeg_is_close_and_smaller(tmp_path: Path) -> None:
+    smooth = np.broadcast_to(np.linspace(0, 255, 64, dtype=np.uint8)[None, None, :, None], (5, 48, 64, 3))
+    trajectory = Trajectory("pick", np.ascontiguousarray(smooth), np.arange(5.0))
+    jpeg = write_dataset(tmp_path / "jpeg", [trajectory], frame_codec="jpeg")
+    assert np.abs(jpeg[0].frames.astype(int) - smooth).mean() < 3.0
+
+
+def test_shards_and_partial_frame_reads(tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "ds", [_trajectory(i, n=7) for i in range(5)], shard_size=2)
+    assert [m.file for m in dataset.metas] == [
+        "shard-00000/000000.npz", "shard-00000/000001.npz", "shard-00001/000002.npz",
+        "shard-00001/000003.npz", "shard-00002/000004.npz",
+    ]
+    full = dataset[3]
+    part = dataset.trajectory(3, [6, 0, 0])
+    np.testing.assert_array_equal(part.frames, full.frames[[6, 0, 0]])
+    np.testing.assert_array_equal(part.frame_stamps, full.frame_stamps[[6, 0, 0]])
+    np.testing.assert_array_equal(dataset.frames(-1, [2]), dataset[4].frames[[2]])
+    with pytest.raises(IndexError, match="7 frames"):
+        dataset.frames(0, [7])
+    with pytest.raises(IndexError):
+        dataset[5]
+
+
+def test_metadata_needs_no_frames(tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "ds", [_trajectory(0), _trajectory(1, task="place", label="failure")])
+    (tmp_path / "ds" / dataset.metas[1].file).unlink()  # frames gone: the index still answers
+    reopened = Dataset(tmp_path / "ds")
+    assert len(reopened.filter(quality_labels=["failure"])) == 1
+    assert reopened.indices_by_task() == {"pick": [0], "place": [1]}
+    with pytest.raises(DatasetError, match=r"000001\.npz"):
+        reopened[1]
+
+
+def test_filters_and_index_maps() -> None:
+    trajectories = [
+        _trajectory(0, "pick", "successful", data_source="a"),
+        _trajectory(1, "pick", "failure", data_source="a"),
+        _trajectory(2, "place", "successful", data_source="b"),
+        _trajectory(3, "pick", "suboptimal", data_source="b"),
+    ]
+    collection = InMemoryDataset(trajectories)
+    assert collection.indices_by_task() == {"pick": [0, 1, 3], "place": [2]}
+    assert collection.indices_by_label() == {"successful": [0, 2], "failure": [1], "suboptimal": [3]}
+    assert collection.indices_by_source() == {"a": [0, 1], "b": [2, 3]}
+    assert collection.indices_by_task_and_label()["pick"] == {"successful": [0], "failure": [1], "suboptimal": [3]}
+    subset = collection.filter(instructions=["pick"], data_sources=["b"])
+    assert [m.episode_id for m in subset.metas] == ["ep3"]
+    assert subset.metas[0].index == 0  # views are re-indexed
+    np.testing.assert_array_equal(subset[0].frames, trajectories[3].frames)
+    picked = collection.filter(predicate=lambda meta: meta.metadata["number"] % 2 == 0)
+    assert [m.episode_id for m in picked.metas] == ["ep0", "ep2"]
+    with pytest.raises(ValueError, match="unknown quality labels"):
+        collection.filter(quality_labels=["great"])
+
+
+def test_append_duplicates_and_refusals(tmp_path: Path) -> None:
+    directory = tmp_path / "ds"
+    write_dataset(directory, [_trajectory(0)], frame_codec="npz")
+    with pytest.raises(DatasetError, match="already holds a dataset"):
+        DatasetWriter(directory)
+    with DatasetWriter(directory, append=True) as writer:
+        assert writer.frame_codec == "npz"  # the existing codec is kept
+        writer.add(_trajectory(1))
+        with pytest.raises(DatasetError, match="duplicate episode_id 'ep0'"):
+            writer.add(_trajectory(0))
+    assert [m.episode_id for m in Dataset(directory).metas] == ["ep0", "ep1"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="not empty"):
+        DatasetWriter(tmp_path / "other")
+    with pytest.raises(ValueError, match="frame_codec"):
+        DatasetWriter(tmp_path / "new", frame_codec="gif")
+
+
+def test_unreadable_directories_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"dataset\.json is missing"):
+        Dataset(tmp_path)
+    directory = tmp_path / "ds"
+    writer = DatasetWriter(directory)
+    writer.add(_trajectory(0))
+    with pytest.raises(DatasetError, match=r"index\.jsonl is missing"):
+        Dataset(directory)  # not closed yet
+    writer.close()
+    (directory / "index.jsonl").write_text("{not json\n")
+    with pytest.raises(DatasetError, match=r"index\.jsonl:1"):
+        Dataset(directory)
+    (directory / "dataset.json").write_text(json.dumps({"format": "other", "version": 1}))
+    with pytest.raises(DatasetError, match="format 'other'"):
+        Dataset(directory)
+
+
+def test_writing_is_deterministic(tmp_path: Path) -> None:
+    trajectories = [_trajectory(i) for i in range(3)]
+    write_dataset(tmp_path / "one", trajectories)
+    write_dataset(tmp_path / "two", trajectories)
+    assert (tmp_path / "one" / "index.jsonl").read_bytes() == (tmp_path / "two" / "index.jsonl").read_bytes()
+    for name in ("shard-00000/000000.npz", "shard-00000/000002.npz"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_summary_counts() -> None:
+    summary = summarize(InMemoryDataset([_trajectory(0, n=4), _trajectory(1, "place", "failure", n=8)]))
+    assert summary["episodes"] == 2
+    assert summary["frames"] == 12
+    assert summary["by_quality_label"] == {"failure": 1, "successful": 1}
+    assert summary["tasks"] == 2
+    assert summary["frame_shapes"] == {"12x16x3": 2}
