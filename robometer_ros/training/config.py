@@ -58,6 +58,12 @@ class DataConfig:
         num_frames: frames per trajectory in a sample (official: 8; first and last kept).
         strategy_ratio: weights of the pair strategies, in sampling.py's order
             (different expertise, different task, rewind, reverse).
+        frame_size: [height, width] every frame is resized to (training, evaluation and the exported
+            bundle should agree); null keeps the stored size.
+        success_cutoffs: per data source, the fraction of an episode at which the task counts as done
+            (progress reaches 1 there; default 1.0).
+        use_known_progress: use stored per-frame progress (e.g. from a simulator) as the target instead of
+            absolute_first_frame.
         num_workers: DataLoader worker processes per rank (0 = sample in the main process).
     """
 
@@ -66,6 +72,9 @@ class DataConfig:
     eval_split: str | None = "val"
     num_frames: int = 8
     strategy_ratio: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    frame_size: list[int] | None = None
+    success_cutoffs: dict[str, float] = field(default_factory=dict)
+    use_known_progress: bool = False
     num_workers: int = 0
 
 
@@ -204,6 +213,11 @@ class TrainConfig:
         _check(all(w >= 0 for w in self.data.strategy_ratio) and sum(self.data.strategy_ratio) > 0,
                "data.strategy_ratio", "weights must be >= 0 with a positive sum")
         _check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+        fs = self.data.frame_size
+        _check(fs is None or (len(fs) == 2 and all(v >= 32 and v % 32 == 0 for v in fs)), "data.frame_size",
+               "must be null or [height, width], multiples of 32 (patch 16 x merge 2)")
+        _check(all(0 < c <= 1 for c in self.data.success_cutoffs.values()), "data.success_cutoffs",
+               "values must be in (0, 1]")
         o = self.optim
         _check(o.lr > 0, "optim.lr", "must be > 0")
         _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -268,6 +282,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(k, key_tp, f"{key}"): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

@@ -1,0 +1,748 @@
+"""`robometer-train CONFIG.yaml key=value ...`: the one training entry point (single process or torchrun).
+
+    robometer-train training/tiny_cpu.yaml data.dataset=data/synth output_dir=runs/tiny
+    python -m torch.distributed.run --nproc_per_node 4 --standalone -m robometer_ros.training.trainer \
+        training/full_4b_fsdp.yaml model.init_checkpoint=... data.dataset=...
+
+What one optimiser step does: every rank takes its own `batch_size x grad_accum_steps` preference pairs
+from the seeded pair stream (`sampling.PairSampler`: pair i is a pure function of (seed, i), and rank r of
+W takes indices ((step * accum + micro) * W + r) * batch_size + j), runs ONE forward pass per micro-batch
+that feeds all three heads (preference prompt: A, split, B, pref token), and minimises
+w_pref L_pref + w_prog L_prog(A) + w_succ L_succ(A) (`losses.robometer_loss`). AdamW, linear warm-up then
+cosine decay, global-norm clipping, bf16 autocast on CUDA only.
+
+Parallelism comes only from torchrun: DDP for models that fit a GPU, FSDP (per Qwen3-VL vision block and
+text decoder layer) for the 4B. gloo on CPU, nccl on CUDA.
+
+Output directory:
+    config.yaml                      the resolved config
+    train_log.jsonl                  one line per logged step (loss terms, lr, grad norm, throughput)
+    tensorboard/                     the same scalars for TensorBoard
+    checkpoints/step-0000020/        resumable state: training_state.pt (model, optimizer, scheduler,
+                                     step) + rng-rank{r}.pt per rank; written to a temporary name and
+                                     renamed, so a crash never leaves a half checkpoint
+    final/, best/                    the model in the released Robometer layout (LoRA merged), which
+                                     `robometer-export` and `robometer-eval` take
+    eval/step-0000020/               periodic held-out evaluation (metrics.json, plots)
+
+Resuming (checkpoint.resume=auto) restores all of the above state, so the run continues exactly as if it
+had not stopped (the pair stream needs only the step: pairs are indexed, not drawn from a stateful RNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from robometer_ros.model.robometer import RobometerModel
+from robometer_ros.training.collate import BatchCollator, RobometerBatchModule, model_inputs, targets
+from robometer_ros.training.config import ConfigError, TrainConfig, load_config, save_config
+from robometer_ros.training.data import TrajectoryCollection
+from robometer_ros.training.losses import LossWeights, robometer_loss
+from robometer_ros.training.sampling import PairSampler, SamplingConfig, Strategy
+
+STATE_FILE = "training_state.pt"
+CHECKPOINT_PREFIX = "step-"
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@dataclass
+class DistEnv:
+    """Where this process sits in a torchrun job (a single process is rank 0 of 1)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_distributed(config: TrainConfig) -> DistEnv:
+    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = None
+    if world_size > 1:
+        backend = config.distributed.backend
+        if backend == "auto":
+            backend = "nccl" if cuda else "gloo"
+        if backend == "nccl" and not cuda:
+            raise ConfigError("distributed.backend nccl needs CUDA; use gloo (or auto) on CPU")
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA for precision auto/bf16; None (fp32) on CPU."""
+    precision = config.optim.precision
+    if precision == "bf16" and device.type != "cuda":
+        raise ConfigError("optim.precision bf16 is for CUDA only (bf16 autocast); use fp32 or auto on CPU")
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs (dropout is the only randomness left in a step)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def open_split(dataset: str | os.PathLike[str], split: str | None) -> TrajectoryCollection:
+    """The episodes of one split: `DIR/<split>/` if that is a dataset, else the episodes of DIR whose
+    metadata "split" equals `split`; split None (or "all") is every episode of DIR."""
+    from robometer_ros.training.data import Dataset, DatasetError
+
+    root = Path(dataset)
+    if split not in (None, "", "all") and (root / split / "dataset.json").is_file():
+        return Dataset(root / split)
+    if not (root / "dataset.json").is_file():
+        raise DatasetError(f"{root} is not a dataset directory (no dataset.json) and has no split {split!r}")
+    collection = Dataset(root)
+    if split in (None, "", "all"):
+        return collection
+    subset = collection.filter(predicate=lambda meta: meta.metadata.get("split") == split)
+    if len(subset) == 0:
+        splits = sorted({str(m.metadata.get("split")) for m in collection.metas if "split" in m.metadata})
+        raise DatasetError(
+            f"{root} has no split {split!r}: no {root / split}/dataset.json and no episode with "
+            f"metadata split={split!r} (splits found in metadata: {splits or 'none'})"
+        )
+    return subset
+
+
+def sampling_config(config: TrainConfig) -> SamplingConfig:
+    """The PairSampler settings of a run."""
+    ratios = dict(zip([s.value for s in Strategy], config.data.strategy_ratio))
+    return SamplingConfig(
+        num_frames=config.data.num_frames,
+        strategy_ratios=ratios,
+        success_cutoffs=dict(config.data.success_cutoffs),
+        use_known_progress=config.data.use_known_progress,
+        frame_size=None if config.data.frame_size is None else tuple(config.data.frame_size),
+    )
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields the pair indices of this rank's micro-batches, from `start_step` to `max_steps`.
+
+    Micro-batch m of step s on rank r holds indices ((s * accum + m) * world + r) * batch + j, j < batch:
+    every index is used once across ranks, and resuming at step s continues the same stream.
+    """
+
+    def __init__(
+        self, start_step: int, max_steps: int, batch_size: int, accum: int, rank: int, world_size: int
+    ) -> None:
+        self.start_step, self.max_steps = start_step, max_steps
+        self.batch_size, self.accum = batch_size, accum
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step) * self.accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.max_steps):
+            for micro in range(self.accum):
+                first = ((step * self.accum + micro) * self.world_size + self.rank) * self.batch_size
+                yield list(range(first, first + self.batch_size))
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(config: TrainConfig, train_collection: TrajectoryCollection) -> tuple[RobometerModel, Any]:
+    """The model to train and its tokenizer, from a checkpoint or a preset (identical on every rank)."""
+    from robometer_ros.model import checkpoint as checkpoint_io
+
+    if config.model.init_checkpoint:
+        loaded = checkpoint_io.load_checkpoint(config.model.init_checkpoint)
+        return loaded.model.float(), loaded.tokenizer
+    preset = config.model.preset
+    if preset in ("tiny", "mid"):
+        from robometer_ros.model.tiny import SAMPLE_INSTRUCTIONS, config_for_tokenizer, tiny_tokenizer
+
+        instructions = sorted({m.instruction for m in train_collection.metas} | set(SAMPLE_INSTRUCTIONS))
+        tokenizer = tiny_tokenizer(instructions)
+        model_config = config_for_tokenizer(tokenizer, preset, num_frames=config.data.num_frames)
+        torch.manual_seed(config.seed)
+        return RobometerModel(model_config), tokenizer
+    if config.model.base_model:
+        return checkpoint_io.load_base_model(config.model.base_model)
+    raise ConfigError(
+        f"model.preset {preset} needs weights: set model.init_checkpoint (a Robometer checkpoint) "
+        "or model.base_model (a Qwen3-VL-4B directory)"
+    )
+
+
+def prepare_trainable(model: RobometerModel, config: TrainConfig) -> None:
+    """Freeze the vision encoder, add LoRA adapters and gradient checkpointing, as configured."""
+    if config.lora.enabled:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names = "|".join(config.lora.target_modules)
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            # Only the language model's projections: the vision blocks have their own q/k/v naming, but
+            # a full-name regex keeps a future vision module called e.g. "up_proj" out too.
+            target_modules=rf".*\.language_model\.layers\.\d+\..*\.({names})",
+            bias="none",
+        )
+        inject_adapter_in_model(lora, model)
+        for name, param in model.named_parameters():
+            param.requires_grad = "lora_" in name or name.split(".")[0].endswith("_head")
+    elif config.model.freeze_vision:
+        for param in model.model.visual.parameters():
+            param.requires_grad = False
+    if config.model.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With a frozen embedding the checkpointed blocks' inputs need grads for the backward to reach LoRA.
+        model.model.enable_input_require_grads()
+
+
+def lora_merged_state_dict(state: dict[str, torch.Tensor], config: TrainConfig) -> dict[str, torch.Tensor]:
+    """A LoRA model's state dict with the adapters merged into the base weights, in the plain key layout:
+    W = W0 + (alpha / r) * B @ A for every adapted Linear; lora_* keys dropped, `.base_layer.` removed."""
+    scale = config.lora.alpha / config.lora.r
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        if ".base_layer." in key:
+            prefix, leaf = key.split(".base_layer.")
+            if leaf == "weight" and f"{prefix}.lora_A.default.weight" in state:
+                lora_a = state[f"{prefix}.lora_A.default.weight"].float()
+                lora_b = state[f"{prefix}.lora_B.default.weight"].float()
+                value = (value.float() + scale * (lora_b @ lora_a)).to(value.dtype)
+            key = f"{prefix}.{leaf}"
+        merged[key] = value
+    return merged
+
+
+def use_fsdp(config: TrainConfig, env: DistEnv) -> bool:
+    strategy = config.distributed.strategy
+    if strategy == "auto":
+        strategy = "fsdp" if config.model.preset == "qwen3vl_4b" else "ddp"
+    return strategy == "fsdp" and env.distributed
+
+
+def wrap_model(
+    module: RobometerBatchModule, config: TrainConfig, env: DistEnv, amp_dtype: torch.dtype | None
+) -> nn.Module:
+    """DDP, FSDP (per vision block and text decoder layer, then the root) or nothing (one process)."""
+    if not env.distributed:
+        return module
+    if use_fsdp(config, env):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer, Qwen3VLVisionBlock
+
+        policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else None
+        kwargs = {"mp_policy": policy} if policy is not None else {}
+        for sub in module.modules():
+            if isinstance(sub, (Qwen3VLVisionBlock, Qwen3VLTextDecoderLayer)):
+                fully_shard(sub, **kwargs)
+        fully_shard(module, **kwargs)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    # find_unused_parameters: the preference head is unused when the preference weight is 0, and
+    # frozen modules have no gradients at all; DDP must not wait for them.
+    unused = config.loss.preference_weight == 0 or config.loss.success_weight == 0
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=unused)
+
+
+def unwrap(model: nn.Module) -> RobometerBatchModule:
+    """The RobometerBatchModule inside a DDP wrapper (FSDP2 shards in place, no wrapper)."""
+    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; biases and norm weights (1-D) get no weight decay."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    if not decay and not no_decay:
+        raise ConfigError("no trainable parameters (check model.freeze_vision / lora settings)")
+    groups = [
+        {"params": decay, "weight_decay": config.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps
+    )
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of the base lr at optimiser step `step` (0-based): linear warm-up to 1 over
+    ceil(warmup_ratio * max_steps) steps (the first step already gets 1/(warmup+1)), then cosine to
+    min_lr_ratio at max_steps."""
+    total = config.optim.max_steps
+    warmup = math.ceil(config.optim.warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = config.optim.min_lr_ratio
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def _load_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict, fsdp: bool
+) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+        return
+    unwrap(model).load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step can touch, for exact resume."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete resumable checkpoints of a run, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, per checkpoint.resume (auto / none / a path)."""
+    choice = config.checkpoint.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        found = list_checkpoints(config.output_dir)
+        return found[-1] if found else None
+    path = Path(choice)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"checkpoint.resume {choice}: no {STATE_FILE} there")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """One training run: build with a TrainConfig, call `train()`; see the module docstring."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.env = init_distributed(config)
+        self.amp_dtype = autocast_dtype(config, self.env.device)
+        self.output_dir = Path(config.output_dir)
+        seed_everything(config.seed)
+
+        self.train_collection = open_split(config.data.dataset, config.data.train_split)
+        self.eval_collection = (
+            open_split(config.data.dataset, config.data.eval_split) if config.data.eval_split else None
+        )
+        self.sampler = PairSampler(self.train_collection, sampling_config(config), seed=config.seed)
+
+        robometer, self.tokenizer = build_model(config, self.train_collection)
+        prepare_trainable(robometer, config)
+        self.robometer = robometer
+        self.fsdp = use_fsdp(config, self.env)
+        robometer.to(self.env.device)
+        if self.amp_dtype is not None and not self.fsdp:
+            # Frozen weights need no fp32 master copy: keep them in bf16 (halves their memory).
+            for param in robometer.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(self.amp_dtype)
+        robometer.train()
+        self.model = wrap_model(RobometerBatchModule(robometer), config, self.env, self.amp_dtype)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, config)
+        )
+        self.collator = BatchCollator(
+            self.tokenizer, robometer.config.spatial_merge_size, config.data.frame_size
+        )
+        self.loss_weights = LossWeights(
+            progress=config.loss.progress_weight,
+            success=config.loss.success_weight,
+            preference=config.loss.preference_weight,
+        )
+        self.step = 0
+        self.best_score: float | None = None
+        self._writer: Any = None
+        self._log_file: Any = None
+
+    # ---------------------------------------------------------------- state
+    def save_state(self) -> Path | None:
+        """Write a resumable checkpoint for the current step (collective: every rank calls it)."""
+        root = self.output_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+        temporary = root / f".{final.name}.tmp"
+        if self.env.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        self.env.barrier()
+        model_state, optim_state = _full_state(self.model, self.optimizer, self.fsdp)
+        torch.save(rng_state(), temporary / f"rng-rank{self.env.rank}.pt")
+        if self.env.is_main:
+            torch.save(
+                {
+                    "step": self.step,
+                    "model": model_state,
+                    "optimizer": optim_state,
+                    "scheduler": self.scheduler.state_dict(),
+                    "best_score": self.best_score,
+                    "world_size": self.env.world_size,
+                    "config": self.config.to_dict(),
+                },
+                temporary / STATE_FILE,
+            )
+        self.env.barrier()
+        if self.env.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+            for old in list_checkpoints(self.output_dir)[: -self.config.checkpoint.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.env.barrier()
+        return final
+
+    def load_state(self, path: Path) -> None:
+        """Restore model, optimizer, scheduler, step, best score and this rank's RNGs from a checkpoint."""
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        if state["world_size"] != self.env.world_size:
+            raise ConfigError(
+                f"{path} was written by {state['world_size']} ranks; resume it with the same number "
+                f"(this job has {self.env.world_size}) or set checkpoint.resume=none"
+            )
+        _load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.fsdp)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.best_score = state.get("best_score")
+        rng_file = path / f"rng-rank{self.env.rank}.pt"
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+
+    def save_model(self, directory: Path) -> None:
+        """The model (LoRA merged) + tokenizer in the released Robometer layout (collective)."""
+        from robometer_ros.model import checkpoint as checkpoint_io
+
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(
+                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        else:
+            state = unwrap(self.model).state_dict()
+        if self.env.is_main:
+            state = {k.removeprefix("robometer."): v.detach().cpu() for k, v in state.items()}
+            if self.config.lora.enabled:
+                state = lora_merged_state_dict(state, self.config)
+            plain = RobometerModel(self.robometer.config)
+            plain.load_state_dict(state)
+            temporary = directory.with_name(f".{directory.name}.tmp")
+            shutil.rmtree(temporary, ignore_errors=True)
+            checkpoint_io.save_checkpoint(plain, temporary, tokenizer=self.tokenizer, extra={
+                "training": {"step": self.step, "frame_size": self.config.data.frame_size},
+            })
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(temporary, directory)
+        self.env.barrier()
+
+    # ---------------------------------------------------------------- logging
+    def _log(self, scalars: dict[str, float]) -> None:
+        if not self.env.is_main:
+            return
+        if self._log_file is None:
+            self._log_file = open(self.output_dir / "train_log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._log_file.write(json.dumps({"step": self.step, **scalars}) + "\n")
+        self._log_file.flush()
+        if self.config.log.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, self.step)
+
+    def close(self) -> None:
+        """Flush logs (the process group is left to the caller)."""
+        if self._writer is not None:
+            self._writer.close()
+        if self._log_file is not None:
+            self._log_file.close()
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, Any] | None:
+        """Held-out evaluation with robometer-eval's metrics (collective under FSDP; rank 0 under DDP)."""
+        if self.eval_collection is None:
+            return None
+        from robometer_ros.training.evaluate import EvalOptions, TorchPredictor, evaluate_collection
+
+        module = unwrap(self.model)
+        metrics = None
+        if self.fsdp or self.env.is_main:
+            was_training = module.training
+            module.eval()
+            predictor = TorchPredictor(self.model, self.collator, self.env.device, self.amp_dtype,
+                                       num_frames=self.config.data.num_frames)
+            out_dir = self.output_dir / "eval" / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+            options = EvalOptions(max_trajectories=self.config.eval.max_trajectories,
+                                  frame_size=self.config.data.frame_size,
+                                  success_cutoffs=dict(self.config.data.success_cutoffs),
+                                  seed=self.config.seed)
+            metrics = evaluate_collection(
+                predictor, self.eval_collection, options, out_dir=out_dir if self.env.is_main else None
+            )
+            module.train(was_training)
+        if self.env.distributed:
+            holder = [metrics]
+            dist.broadcast_object_list(holder, src=0)
+            metrics = holder[0]
+        return metrics
+
+    def _after_eval(self, metrics: dict[str, Any] | None) -> None:
+        if metrics is None:
+            return
+        overall = metrics.get("overall", {})
+        scalars = {f"eval/{k}": float(v) for k, v in overall.items()
+                   if isinstance(v, (int, float)) and v == v}  # drop NaN (metric undefined on this split)
+        self._log(scalars)
+        key = self.config.eval.best_metric
+        score = overall.get(key)
+        if score is None or score != score:
+            return
+        if self.best_score is None or score > self.best_score:
+            self.best_score = float(score)
+            self.save_model(self.output_dir / "best")
+
+    # ---------------------------------------------------------------- loop
+    def _loader(self) -> DataLoader:
+        optim = self.config.optim
+        batches = StepBatchSampler(self.step, optim.max_steps, optim.batch_size, optim.grad_accum_steps,
+                                   self.env.rank, self.env.world_size)
+        workers = self.config.data.num_workers
+        return DataLoader(
+            self.sampler,
+            batch_sampler=batches,
+            collate_fn=self.collator,
+            num_workers=workers,
+            pin_memory=self.env.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=2 if workers else None,
+            # Its own generator: creating a loader iterator draws a seed, which must not come from the
+            # global RNG (that would shift the dropout masks of a resumed run against an uninterrupted one).
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> Any:
+        device = self.env.device
+        autocast = (torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            out = self.model(**model_inputs(batch, device))
+        frames = out["progress_logits"].shape[1] // 2
+        return robometer_loss(
+            targets(batch, device),
+            out["progress_logits"][:, :frames],
+            out["success_logits"][:, :frames],
+            out["preference_logits"],
+            self.loss_weights,
+        )
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.env.distributed:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(tensor)
+        return {k: float(v) / self.env.world_size for k, v in zip(keys, tensor.tolist())}
+
+    def train(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Run to optim.max_steps (resuming first, as configured); returns the last logged scalars.
+
+        `stop_at_step` ends the run early, after writing a resumable checkpoint, as if the job had been
+        stopped there (the schedule still spans optim.max_steps); the final model is not written then.
+        """
+        config, env = self.config, self.env
+        if env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+        env.barrier()
+        resume = resolve_resume(config)
+        if resume is not None:
+            self.load_state(resume)
+        accum = config.optim.grad_accum_steps
+        pairs_per_step = config.optim.batch_size * accum * env.world_size
+        progress = None
+        if env.is_main and config.log.progress_bar:
+            from tqdm import tqdm
+
+            progress = tqdm(total=config.optim.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        last: dict[str, Any] = {}
+        batches = iter(self._loader())
+        tick = time.perf_counter()
+        while self.step < config.optim.max_steps:
+            sums = {"loss": 0.0, "loss_progress": 0.0, "loss_success": 0.0, "loss_preference": 0.0}
+            for micro in range(accum):
+                batch = next(batches)
+                sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
+                with contextlib.nullcontext() if sync else self.model.no_sync():
+                    terms = self._forward_loss(batch)
+                    (terms.total / accum).backward()
+                floats = terms.as_floats()
+                sums["loss"] += floats["total"] / accum
+                sums["loss_progress"] += floats["progress"] / accum
+                sums["loss_success"] += floats["success"] / accum
+                sums["loss_preference"] += floats["preference"] / accum
+            max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                grad_norm = grad_norm.full_tensor()
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
+            if self.step % config.log.every == 0 or self.step == config.optim.max_steps:
+                elapsed = time.perf_counter() - tick
+                steps = config.log.every if self.step % config.log.every == 0 else self.step % config.log.every
+                scalars = self._mean_over_ranks(sums)
+                scalars.update({
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "pairs_per_second": pairs_per_step * steps / max(elapsed, 1e-9),
+                })
+                self._log({f"train/{k}": v for k, v in scalars.items()})
+                last = scalars
+                tick = time.perf_counter()
+            if config.eval.every and self.step % config.eval.every == 0 and self.step < config.optim.max_steps:
+                self._after_eval(self.evaluate())
+            if config.checkpoint.every and self.step % config.checkpoint.every == 0:
+                self.save_state()
+            if stop_at_step is not None and self.step >= stop_at_step:
+                break
+        if progress is not None:
+            progress.close()
+        if self.step < config.optim.max_steps:
+            if not config.checkpoint.every or self.step % config.checkpoint.every != 0:
+                self.save_state()
+            self.close()
+            return last
+        if config.checkpoint.every == 0 or self.step % config.checkpoint.every != 0:
+            self.save_state()
+        self.save_model(self.output_dir / "final")
+        self._after_eval(self.evaluate())
+        if env.is_main and not (self.output_dir / "best").exists():
+            # No held-out metric chose a best model: the final one is the best we know.
+            shutil.copytree(self.output_dir / "final", self.output_dir / "best")
+        env.barrier()
+        self.close()
+        return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: robometer-train CONFIG.yaml [key=value ...]."""
+    parser = argparse.ArgumentParser(
+        prog="robometer-train",
+        description="Train or fine-tune Robometer (single process, or under torchrun for DDP / FSDP).",
+        epilog="Overrides use dotted keys, e.g. optim.lr=1e-4 data.dataset=data/my_robot lora.enabled=true",
+    )
+    parser.add_argument("config", help="YAML recipe (see training/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"robometer-train: {error}", file=sys.stderr)
+        return 2
+    trainer = Trainer(config)
+    try:
+        trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+__all__ = [
+    "DistEnv",
+    "StepBatchSampler",
+    "Trainer",
+    "build_optimizer",
+    "lora_merged_state_dict",
+    "lr_factor",
+    "main",
+    "open_split",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())
