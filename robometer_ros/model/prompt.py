@@ -180,9 +180,7 @@ def mrope_position_ids(
         t, h, w = (int(v) for v in grids[image])
         gh, gw = h // spatial_merge_size, w // spatial_merge_size
         if t * gh * gw != end - start:
-            raise ValueError(
-                f"image run {image} has {end - start} tokens but grid {(t, h, w)} gives {t * gh * gw}"
-            )
+            raise ValueError(f"image run {image} has {end - start} tokens but grid {(t, h, w)} gives {t * gh * gw}")
         tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
         positions[0, start:end] = tt.reshape(-1) + current
         positions[1, start:end] = hh.reshape(-1) + current
@@ -224,9 +222,7 @@ class PromptBuilder:
     def _id(self, token: str) -> int:
         tid = self.tokenizer.token_to_id(token)
         if tid is None:
-            raise KeyError(
-                f"tokenizer has no {token!r} token (is it a Qwen3-VL tokenizer with the Robometer tokens?)"
-            )
+            raise KeyError(f"tokenizer has no {token!r} token (is it a Qwen3-VL tokenizer with the Robometer tokens?)")
         return int(tid)
 
     def token_ids(self) -> dict[str, int]:
@@ -288,9 +284,7 @@ class PromptBuilder:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         pad_positions = np.flatnonzero(ids == self.image_pad_id)
         if len(pad_positions) != len(grids):
-            raise ValueError(
-                f"prompt has {len(pad_positions)} images but {len(grids)} frame grids were given"
-            )
+            raise ValueError(f"prompt has {len(pad_positions)} images but {len(grids)} frame grids were given")
         grid_arr = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
         merge2 = self.spatial_merge_size**2
         counts = grid_arr.prod(axis=1) // merge2

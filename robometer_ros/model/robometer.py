@@ -110,9 +110,7 @@ class RobometerModel(nn.Module):
             self._grid_cache[key] = cached
         return cached
 
-    def encode_frame(
-        self, pixel_values: torch.Tensor, grid_thw: GridTHW
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_frame(self, pixel_values: torch.Tensor, grid_thw: GridTHW) -> tuple[torch.Tensor, torch.Tensor]:
         """Vision part for ONE frame.
 
         Args:
@@ -150,9 +148,7 @@ class RobometerModel(nn.Module):
         return visual_embeds, deepstack_embeds
 
     @staticmethod
-    def _frame_attention(
-        attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    def _frame_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Vision self-attention over one frame: one segment, so no cu_seqlens split (.tolist()) is needed."""
         n = x.shape[0]
         q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)

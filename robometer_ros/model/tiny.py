@@ -44,9 +44,11 @@ def prompt_texts(instructions: Iterable[str] = SAMPLE_INSTRUCTIONS) -> list[str]
     return texts
 
 
-def tiny_tokenizer(instructions: Iterable[str] = SAMPLE_INSTRUCTIONS, vocab_size: int = 400) -> Tokenizer:
+def tiny_tokenizer(
+    instructions: Iterable[str] = SAMPLE_INSTRUCTIONS, vocab_size: int = 400, add_robometer: bool = True
+) -> Tokenizer:
     """A small BPE tokenizer (about vocab_size + 31 tokens) covering the prompt vocabulary."""
-    return build_tokenizer(prompt_texts(instructions), vocab_size=vocab_size)
+    return build_tokenizer(prompt_texts(instructions), vocab_size=vocab_size, add_robometer=add_robometer)
 
 
 def config_for_tokenizer(tokenizer: Tokenizer, size: str = "tiny", num_frames: int = 8) -> RobometerConfig:
@@ -54,9 +56,7 @@ def config_for_tokenizer(tokenizer: Tokenizer, size: str = "tiny", num_frames: i
     factories = {"tiny": tiny_config, "mid": mid_config}
     if size not in factories:
         raise ValueError(f"unknown model size {size!r}; expected one of {sorted(factories)}")
-    return factories[size](
-        tokenizer.get_vocab_size(with_added_tokens=True), backbone_token_ids(tokenizer), num_frames
-    )
+    return factories[size](tokenizer.get_vocab_size(with_added_tokens=True), backbone_token_ids(tokenizer), num_frames)
 
 
 def tiny_model(

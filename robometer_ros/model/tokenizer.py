@@ -50,11 +50,12 @@ def add_robometer_tokens(tokenizer: Tokenizer) -> int:
     return add_special_tokens(tokenizer, ROBOMETER_SPECIAL_TOKENS)
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, add_robometer: bool = True) -> Tokenizer:
     """Train a small byte-level BPE on ``texts`` and add the Qwen3-VL and Robometer special tokens after it.
 
     ``vocab_size`` bounds the learned part (the byte alphabet alone is 256); the special tokens come on top.
-    Deterministic for the same texts and size.
+    ``add_robometer=False`` gives a "base model" tokenizer (Qwen tokens only), as a released checkpoint's
+    base directory has. Deterministic for the same texts and size.
     """
     texts = list(texts)
     if not texts:
@@ -70,7 +71,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer)
     add_special_tokens(tokenizer, QWEN3VL_SPECIAL_TOKENS)
-    add_robometer_tokens(tokenizer)
+    if add_robometer:
+        add_robometer_tokens(tokenizer)
     return tokenizer
 
 
@@ -139,6 +141,4 @@ def load_chat_template(path: str | Path) -> str:
         template = json.loads(cfg_file.read_text()).get("chat_template")
         if isinstance(template, str):
             return template
-    raise FileNotFoundError(
-        f"no chat template ({CHAT_TEMPLATE_FILE} or tokenizer_config.json) in {directory}"
-    )
+    raise FileNotFoundError(f"no chat template ({CHAT_TEMPLATE_FILE} or tokenizer_config.json) in {directory}")
