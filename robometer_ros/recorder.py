@@ -246,7 +246,7 @@ class EpisodeRecorder:
         """Start the writer thread. Never touches the disk here: directory problems show in ``status()``.
 
         Args:
-            directory: where episode bags go (created if missing).
+            directory: where episode bags go (created if missing; "~" is expanded).
             storage: "mcap" (default; what ``ros2 bag`` records by default since Iron) or "sqlite3".
             topics: the topic names written into the bags.
             max_queue: data messages waiting at most (frames are ~1 MB each at 640x480, so this bounds memory).
@@ -262,7 +262,7 @@ class EpisodeRecorder:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         from rosbags.rosbag2 import StoragePlugin
 
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser()  # "~/robometer_episodes" from a params file
         self.storage = storage
         self.topics = topics if topics is not None else RecordTopics()
         self._plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3

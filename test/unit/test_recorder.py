@@ -298,6 +298,16 @@ def test_serialized_input_and_unknown_types(tmp_path: Path) -> None:
     assert int(msgs["/cam/image_raw"][0][1].data[0]) == 3
 
 
+def test_home_directory_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with EpisodeRecorder("~/episodes", topics=TOPICS) as rec:
+        rec.start_episode("ep", "x")
+        rec.record_image(image(T0, 0))
+        rec.end_episode()
+    assert rec.status().ok
+    assert (tmp_path / "episodes" / "ep" / "metadata.yaml").is_file()
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="storage"):
         EpisodeRecorder("/tmp/x", storage="rosbag1")
