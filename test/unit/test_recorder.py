@@ -368,3 +368,17 @@ def test_rclpy_messages_round_trip(tmp_path: Path) -> None:
     assert seen["/rn/failure_flag"].reason == FailureFlag.REASON_REGRESSED
     assert seen["/rn/episode"].outcome == EpisodeStatus.OUTCOME_SUCCESS
     assert seen["/task"].data == "stack blocks"
+
+
+def test_custom_type_hashes_match_the_rosidl_build(tmp_path: Path) -> None:
+    """The bag's type hashes must equal what rosidl generated, or `ros2 bag play` mismatches the types."""
+    import json
+    import sys
+
+    share = Path(sys.prefix) / "share" / "robometer_ros" / "msg"
+    if not (share / "StepReward.json").is_file():
+        pytest.skip(f"no rosidl build output in {share}")
+    for name in ("StepReward", "FailureFlag", "EpisodeStatus"):
+        generated = json.loads((share / f"{name}.json").read_text())
+        hashes = [h["hash_string"] for h in generated["type_hashes"] if h["type_name"] == f"robometer_ros/msg/{name}"]
+        assert hashes == [TS.hash_rihs01(f"robometer_ros/msg/{name}")]
