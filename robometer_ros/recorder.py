@@ -198,6 +198,17 @@ def _header_stamp_ns(msg: Any) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
+def _payload_size(item: tuple[Any, ...]) -> int:
+    """Bytes of a queued data item's payload (the image data; small messages count as 0)."""
+    if item[0] == "raw":
+        return len(item[3])
+    data = getattr(item[2], "data", None)
+    try:
+        return len(data) if data is not None and not isinstance(data, str) else 0
+    except TypeError:
+        return 0
+
+
 # Queue items: ("start", episode_id, instruction), ("msg", topic, payload, stamp_ns, qos_kind),
 # ("raw", topic, msgtype, bytes, stamp_ns), ("end", outcome, note, verdict, status_msg), ("stop",)
 _Item = tuple[Any, ...]
@@ -241,6 +252,7 @@ class EpisodeRecorder:
         storage: str = "mcap",
         topics: RecordTopics | None = None,
         max_queue: int = 64,
+        max_queue_bytes: int = 256 * 1024 * 1024,
         msg_dir: str | Path | None = None,
     ) -> None:
         """Start the writer thread. Never touches the disk here: directory problems show in ``status()``.
@@ -249,17 +261,21 @@ class EpisodeRecorder:
             directory: where episode bags go (created if missing; "~" is expanded).
             storage: "mcap" (default; what ``ros2 bag`` records by default since Iron) or "sqlite3".
             topics: the topic names written into the bags.
-            max_queue: data messages waiting at most (frames are ~1 MB each at 640x480, so this bounds memory).
+            max_queue: data messages waiting at most.
+            max_queue_bytes: payload bytes (image data) waiting at most; with ``max_queue`` this bounds the
+                memory a slow disk can tie up (a 640x480 rgb8 frame is 0.9 MB, a 1080p one 6 MB).
             msg_dir: directory of robometer_ros's .msg files; default: ``find_msg_definitions()``.
 
         Raises:
-            ValueError: unknown storage or max_queue < 1.
+            ValueError: unknown storage, max_queue < 1 or max_queue_bytes < 1.
             FileNotFoundError: the robometer_ros message definitions cannot be found.
         """
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+        if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
+            raise ValueError(f"max_queue_bytes must be an integer >= 1, got {max_queue_bytes!r}")
         from rosbags.rosbag2 import StoragePlugin
 
         self.directory = Path(directory).expanduser()  # "~/robometer_episodes" from a params file
@@ -268,6 +284,8 @@ class EpisodeRecorder:
         self._plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
         self._typestore = make_typestore(None if msg_dir is None else Path(msg_dir))
         self._max_queue = max_queue
+        self._max_queue_bytes = max_queue_bytes
+        self._queued_bytes = 0
         self._items: collections.deque[_Item] = collections.deque()
         self._data_items = 0
         self._cond = threading.Condition()
@@ -365,10 +383,15 @@ class EpisodeRecorder:
                     self._status = replace(self._status, dropped_not_written=self._status.dropped_not_written + 1)
                 return
             if data:
-                if self._data_items >= self._max_queue:
+                size = _payload_size(item)
+                full = self._data_items >= self._max_queue
+                # one message larger than the whole budget is still taken when the queue is empty
+                full = full or (self._data_items and self._queued_bytes + size > self._max_queue_bytes)
+                if full:
                     self._status = replace(self._status, dropped_queue_full=self._status.dropped_queue_full + 1)
                     return
                 self._data_items += 1
+                self._queued_bytes += size
             self._items.append(item)
             self._cond.notify_all()
 
@@ -381,6 +404,7 @@ class EpisodeRecorder:
                 item = self._items.popleft()
                 if item[0] in ("msg", "raw"):
                     self._data_items -= 1
+                    self._queued_bytes -= _payload_size(item)
                 self._busy = True
             kind = item[0]
             try:

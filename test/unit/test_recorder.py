@@ -276,6 +276,31 @@ def test_full_queue_drops_and_counts_but_never_blocks(tmp_path: Path, monkeypatc
     assert len(msgs["/cam/image_raw"]) == 4
 
 
+def test_queue_is_bounded_in_bytes_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    gate = threading.Event()
+    real_open = recorder_module.EpisodeRecorder._open
+
+    def slow_open(self: Any, episode_id: str, instruction: str) -> Any:
+        gate.wait(10.0)
+        return real_open(self, episode_id, instruction)
+
+    monkeypatch.setattr(recorder_module.EpisodeRecorder, "_open", slow_open)
+    # each test image carries 72 bytes of pixel data: 200 bytes hold two of them
+    rec = EpisodeRecorder(tmp_path, topics=TOPICS, max_queue=100, max_queue_bytes=200)
+    rec.start_episode("ep", "x")
+    for i in range(5):
+        rec.record_image(image(T0 + i * STEP_NS, i))
+    rec.record_step_reward(step_reward(T0, 0, 0.1))  # no payload: still fits
+    assert rec.status().dropped_queue_full == 3 and rec.status().queued == 3
+    gate.set()
+    status = rec.close()
+    assert status.ok
+    msgs, _ = read_bag(tmp_path / "ep")
+    assert len(msgs["/cam/image_raw"]) == 2 and len(msgs["/rn/step_reward"]) == 1
+
+
 def test_messages_outside_an_episode_and_after_close_are_counted(tmp_path: Path) -> None:
     rec = EpisodeRecorder(tmp_path, topics=TOPICS)
     rec.record_image(image(T0, 0))
@@ -313,6 +338,8 @@ def test_bad_arguments() -> None:
         EpisodeRecorder("/tmp/x", storage="rosbag1")
     with pytest.raises(ValueError, match="max_queue"):
         EpisodeRecorder("/tmp/x", max_queue=0)
+    with pytest.raises(ValueError, match="max_queue_bytes"):
+        EpisodeRecorder("/tmp/x", max_queue_bytes=0)
 
 
 @pytest.mark.skipif(not HAS_RCLPY, reason="rclpy is not importable")
