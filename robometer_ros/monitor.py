@@ -294,7 +294,9 @@ class EpisodeMonitor:
             progress: the model's progress at that frame, in [0, 1].
             success_probability: the model's success probability at that frame, in [0, 1].
 
-        A non-finite or out-of-range score does not raise: it becomes a MODEL_ERROR failure.
+        A non-finite or out-of-range score does not raise: it becomes a MODEL_ERROR failure. Call it once
+        per scoring step of a new newest frame: every call counts as a step for ``success_steps``,
+        ``regression_steps`` and ``clear_steps``.
 
         Raises:
             ValueError: ``stamp_s`` is not finite, or earlier than the previous step's (a caller bug:
