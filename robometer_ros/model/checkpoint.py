@@ -143,7 +143,8 @@ def read_checkpoint_config(checkpoint_dir: str | Path) -> RobometerConfig:
     for key in ("text_config", "vision_config"):
         if not isinstance(backbone.get(key), dict):
             raise CheckpointError(f"{config_json} has no '{key}' (not a Qwen3-VL backbone config)")
-    for key in ("architectures", "auto_map", "transformers_version", "_name_or_path"):
+    # dtype is the caller's choice (load_checkpoint(dtype=...)), not part of the architecture
+    for key in ("architectures", "auto_map", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         backbone.pop(key, None)
 
     settings: dict[str, Any] = {}
