@@ -428,6 +428,7 @@ def write_json_atomic(path: Path, doc: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=2, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a bundle is shared read-only with the node's user
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -34,7 +34,7 @@ class TorchRuntime(Runtime):
             raise BundleError(f"{bundle.root}: no checkpoint/ in the bundle for the torch backend")
         from robometer_ros.model.checkpoint import load_checkpoint
 
-        model = load_checkpoint(path, device=device)
+        model, _ = load_checkpoint(path, device=device)
         if model.hidden_size != bundle.manifest.hidden_size:
             raise BundleError(
                 f"{path}: checkpoint hidden size {model.hidden_size} != manifest {bundle.manifest.hidden_size}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import shutil
 import sys
@@ -485,8 +486,9 @@ def export_bundle(
         raise ExportError(f"tokenizer has {vocab} tokens but the model's embedding has {cfg.vocab_size} rows")
 
     model = model.eval()
-    if fp16:
-        model = model.half()
+    if fp16 and model.dtype != torch.float16:
+        # a copy: the caller's model keeps its weights (the CLI loads fp16 directly, so no copy there)
+        model = copy.deepcopy(model).half()
     VisionPart, LanguagePart, LanguagePreferencePart = _wrappers()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -531,7 +533,7 @@ def export_bundle(
         if include_checkpoint:
             from robometer_ros.model.checkpoint import save_checkpoint
 
-            save_checkpoint(model.float() if fp16 else model, staging / "checkpoint")
+            save_checkpoint(model, tokenizer, staging / "checkpoint", chat_template=chat_template)
             checkpoint_dir = "checkpoint"
 
         parts = {}
@@ -650,30 +652,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``robometer-export``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from robometer_ros.model.checkpoint import load_checkpoint
-    from robometer_ros.model.tokenizer import load_chat_template, load_tokenizer
+    import torch
+
+    from robometer_ros.model.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        model = load_checkpoint(args.checkpoint, device=args.device)
-        tok_source = Path(args.base_model) if args.base_model else Path(args.checkpoint)
-        try:
-            tokenizer = load_tokenizer(tok_source)
-        except FileNotFoundError as exc:
-            raise ExportError(f"{exc}; a released Robometer checkpoint ships no tokenizer: pass --base-model "
-                              "DIR of the base Qwen3-VL-4B-Instruct download") from exc
-        try:
-            template = load_chat_template(tok_source)
-        except FileNotFoundError:
-            template = None  # the packaged Qwen3-VL template is used
+        model, info = load_checkpoint(args.checkpoint, tokenizer_dir=args.base_model, device=args.device,
+                                      dtype=torch.float16 if args.fp16 else torch.float32)
         bundle = export_bundle(
-            model, tokenizer, args.out_bundle,
+            model, info.tokenizer, args.out_bundle,
             frame_size=args.frame_size, num_frames=args.num_frames, max_frames=args.max_frames,
             model_id=args.model_id or Path(args.checkpoint).resolve().name, model_version=args.model_version,
-            chat_template=template, external_data=args.external_data, fp16=args.fp16,
+            chat_template=info.chat_template, external_data=args.external_data, fp16=args.fp16,
             include_checkpoint=args.include_checkpoint, max_instruction_tokens=args.max_instruction_tokens,
             overwrite=args.overwrite, check_parity=not args.skip_parity,
         )
-    except (ExportError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (ExportError, CheckpointError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"robometer-export: error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote bundle {bundle.root} ({bundle.manifest.precision}, frames {bundle.manifest.num_frames}, "
