@@ -227,6 +227,14 @@ def _checkpoint_index(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int
     return {_canonical_key(k, has_canonical): (f, k, shape) for k, (f, shape) in raw.items()}
 
 
+def _vocab_from_embedding(config: RobometerConfig, index: dict[str, tuple[Path, str, tuple[int, ...]]]) -> None:
+    """The embedding's row count is the vocabulary size that counts (config.json may predate the resize)."""
+    entry = index.get("model.language_model.embed_tokens.weight")
+    if entry is not None and int(entry[2][0]) != config.vocab_size:
+        log.info("vocab size %d from the embedding overrides config.json's %d", entry[2][0], config.vocab_size)
+        config.backbone["text_config"]["vocab_size"] = int(entry[2][0])
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
@@ -337,18 +345,23 @@ def load_checkpoint(
     """
     directory = Path(checkpoint_dir)
     config = read_checkpoint_config(directory)
-    files = weight_files(directory)
-    index = _checkpoint_index(files)
-
-    embed_key = "model.language_model.embed_tokens.weight"
-    if embed_key in index:
-        rows = int(index[embed_key][2][0])
-        if rows != config.vocab_size:
-            log.info("vocab size %d from the embedding overrides config.json's %d", rows, config.vocab_size)
-            config.backbone["text_config"]["vocab_size"] = rows
+    index = _checkpoint_index(weight_files(directory))
+    _vocab_from_embedding(config, index)
     info = _load_tokenizer_info(directory, tokenizer_dir)
     _check_tokenizer(config, info, config.vocab_size, directory)
 
+    return _load_weights(directory, config, dtype, device, attn_implementation, index), info
+
+
+def _load_weights(
+    directory: Path,
+    config: RobometerConfig,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+    attn_implementation: str,
+    index: dict[str, tuple[Path, str, tuple[int, ...]]],
+) -> RobometerModel:
+    """Build the model for ``config`` and copy the checkpoint's tensors into it, one shard at a time."""
     if dtype is None:
         first_file, first_key, _ = next(iter(index.values()))
         with safe_open(str(first_file), framework="pt") as handle:
@@ -372,7 +385,25 @@ def load_checkpoint(
                     params[key].copy_(handle.get_tensor(file_key).to(params[key].dtype))
     model.to(device)
     model.eval()
-    return model, info
+    return model
+
+
+def load_model(
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> RobometerModel:
+    """Only the model of a checkpoint (no tokenizer needed), for runtimes that get token ids elsewhere.
+
+    Same checks on the weights as ``load_checkpoint``; the tokenizer/vocabulary cross-check is skipped, so
+    use ``load_checkpoint`` when the tokenizer is at hand.
+    """
+    directory = Path(checkpoint_dir)
+    config = read_checkpoint_config(directory)
+    index = _checkpoint_index(weight_files(directory))
+    _vocab_from_embedding(config, index)
+    return _load_weights(directory, config, dtype, device, attn_implementation, index)
 
 
 def _parse_size(size: int | str) -> int:
@@ -418,6 +449,11 @@ def save_checkpoint(
     model.safetensors or, above ``shard_size`` bytes, model-0000i-of-0000n.safetensors + index, and (when a
     tokenizer is given) tokenizer.json, tokenizer_config.json and chat_template.jinja. Returns the files.
     """
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        raise TypeError(
+            f"save_checkpoint(model, tokenizer, out_dir): tokenizer must be a tokenizers.Tokenizer or None, "
+            f"got {type(tokenizer).__name__} (was the output directory passed as the second argument?)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(shard_size)

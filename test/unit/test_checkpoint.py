@@ -16,6 +16,7 @@ from robometer_ros.model.checkpoint import (
     INDEX_FILE,
     CheckpointError,
     load_checkpoint,
+    load_model,
     read_checkpoint_config,
     save_checkpoint,
 )
@@ -233,3 +234,23 @@ def test_tokenizer_that_does_not_fit_is_rejected(tiny, tmp_path):
     save_tokenizer(tiny_tokenizer(instructions=["a completely different vocabulary"], vocab_size=300), other)
     with pytest.raises(CheckpointError, match="image_token_id: config"):
         load_checkpoint(tmp_path, tokenizer_dir=other)
+
+
+def test_load_model_without_tokenizer_and_save_argument_check(tiny, tmp_path):
+    model, _ = tiny
+    save_checkpoint(model, None, tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()
+    _assert_same_weights(model, load_model(tmp_path))
+    with pytest.raises(TypeError, match="was the output directory passed as the second argument"):
+        save_checkpoint(model, tmp_path / "other", tmp_path / "third")
+
+
+def test_embedding_rows_override_a_stale_config_vocab(tiny, tmp_path):
+    # A config.json written before resize_token_embeddings still says the base vocabulary size.
+    model, tokenizer = tiny
+    save_checkpoint(model, tokenizer, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["vocab_size"] = 151936
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_checkpoint(tmp_path)
+    assert loaded.config.vocab_size == model.config.vocab_size
