@@ -1,0 +1,86 @@
+"""Launch the Robometer reward node (a lifecycle node that walks itself to active unless autostart:=false).
+
+    ros2 launch robometer_ros reward.launch.py bundle:=/opt/bundles/robometer-4b \\
+        image_topic:=/camera/color/image_raw instruction_topic:=/task/instruction namespace:=arm
+
+Arguments left empty keep the value from params_file (default: the package's config/reward_node.yaml).
+Without a colcon install of robometer_ros (a pip/venv checkout), the node is started as
+`python -m robometer_ros.reward_node` and the config is read from the source tree.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import LifecycleNode
+
+from launch import LaunchContext, LaunchDescription
+
+PACKAGE = "robometer_ros"
+
+# (name, default, description); an empty default means "keep params_file's value".
+ARGUMENTS = (
+    ("bundle", "", "exported model bundle directory (overrides params_file)"),
+    ("image_topic", "", "camera topic (overrides params_file; default there: ~/image)"),
+    ("instruction_topic", "", "instruction topic, std_msgs/String (overrides params_file; default: ~/instruction)"),
+    ("namespace", "", "namespace of the node (its topics become /<namespace>/reward_node/...)"),
+    ("node_name", "reward_node", "name of the node"),
+    ("params_file", "", "parameters YAML; empty = the package's config/reward_node.yaml"),
+    ("use_sim_time", "false", "use /clock (simulation or bag replay) for the node's clock"),
+    ("log_level", "info", "logging level: debug, info, warn, error"),
+)
+
+
+def _package_paths() -> tuple[str | None, Path]:
+    """(ament share directory or None when robometer_ros is not installed with colcon, config directory)."""
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    except ImportError:
+        share = None
+    else:
+        try:
+            share = get_package_share_directory(PACKAGE)
+        except PackageNotFoundError:
+            share = None
+    if share is not None and (Path(share) / "config" / "reward_node.yaml").exists():
+        return share, Path(share) / "config"
+    return None, Path(__file__).resolve().parents[1] / "config"
+
+
+def _node(context: LaunchContext) -> list[LifecycleNode]:
+    def arg(name: str) -> str:
+        return LaunchConfiguration(name).perform(context).strip()
+
+    share, config_dir = _package_paths()
+    params_file = arg("params_file") or str(config_dir / "reward_node.yaml")
+    overrides: dict[str, object] = {"use_sim_time": arg("use_sim_time").lower() in ("true", "1", "yes")}
+    for name in ("bundle", "image_topic", "instruction_topic"):
+        if arg(name):
+            overrides[name] = arg(name)
+    if share is not None:
+        executable: dict[str, object] = {"package": PACKAGE, "executable": "reward_node"}
+    else:  # a source checkout in a venv: no lib/robometer_ros/reward_node, run the module instead
+        executable = {"executable": sys.executable, "arguments": ["-m", "robometer_ros.reward_node"]}
+    arguments = [*executable.pop("arguments", []), "--ros-args", "--log-level", arg("log_level")]
+    return [
+        LifecycleNode(
+            **executable,
+            name=arg("node_name"),
+            namespace=arg("namespace"),
+            parameters=[params_file, overrides],
+            arguments=arguments,
+            output="screen",
+            emulate_tty=True,
+        )
+    ]
+
+
+def generate_launch_description() -> LaunchDescription:
+    """The launch description: the arguments above and one LifecycleNode (autostart is its parameter)."""
+    return LaunchDescription(
+        [DeclareLaunchArgument(name, default_value=default, description=text) for name, default, text in ARGUMENTS]
+        + [OpaqueFunction(function=_node)]
+    )
