@@ -34,6 +34,7 @@ setup(
             "tqdm",
             "matplotlib",
             "pyarrow",
+            "av",
         ],
         "sim": ["metaworld==3.1.1", "mujoco==3.3.0", "packaging", "imageio"],
         "tensorrt": ["tensorrt"],

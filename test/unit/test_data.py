@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image as PILImage
 
 from robometer_ros.training.data import (
     Dataset,
@@ -16,6 +18,8 @@ from robometer_ros.training.data import (
     summarize,
     write_dataset,
 )
+from robometer_ros.training.dataset_cli import main as dataset_main
+from robometer_ros.training.hf_rows import HfImportOptions, HfImportReport, HfRowError, read_hf_rows
 from robometer_ros.trajectory import Trajectory
 
 
@@ -163,3 +167,114 @@ def test_summary_counts() -> None:
     assert summary["by_quality_label"] == {"failure": 1, "successful": 1}
     assert summary["tasks"] == 2
     assert summary["frame_shapes"] == {"12x16x3": 2}
+
+
+# --------------------------------------------------------------------------- RBM-1M / Hugging Face rows
+
+
+def _png(frame: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.fromarray(frame).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _frames(n: int, value: int = 0) -> np.ndarray:
+    frames = np.zeros((n, 16, 24, 3), dtype=np.uint8)
+    frames[:, :, :, 0] = (np.arange(n) * 10)[:, None, None]
+    frames[:, :, :, 1] = value
+    return frames
+
+
+def _write_mp4(path: Path, frames: np.ndarray, fps: int = 5) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_hf_rows_parquet_with_image_structs_and_bad_rows(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = [{"bytes": _png(f), "path": None} for f in _frames(5)]
+    rows = [
+        {"id": "u1", "task": "open the door", "frames": good, "quality_label": "successful",
+         "partial_success": None, "data_source": "oxe_toto", "is_robot": True},
+        {"id": "u2", "task": "open the door", "frames": good[:4], "quality_label": "failed",
+         "partial_success": 0.25, "data_source": "oxe_toto", "is_robot": False},
+        {"id": "u3", "task": "", "frames": good, "quality_label": "successful",
+         "partial_success": None, "data_source": "oxe_toto", "is_robot": True},
+        {"id": "u4", "task": "x", "frames": [{"bytes": b"junk", "path": None}] * 3, "quality_label": "successful",
+         "partial_success": None, "data_source": "oxe_toto", "is_robot": True},
+        {"id": "u5", "task": "x", "frames": good, "quality_label": "great",
+         "partial_success": None, "data_source": "oxe_toto", "is_robot": True},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    report = HfImportReport()
+    trajectories = list(read_hf_rows(tmp_path / "rows.parquet", HfImportOptions(fps=10), report))
+    assert [t.episode_id for t in trajectories] == ["u1", "u2"]
+    np.testing.assert_array_equal(trajectories[0].frames, _frames(5))
+    np.testing.assert_allclose(trajectories[0].frame_stamps, np.arange(5) / 10)
+    assert trajectories[1].quality_label == "failure" and trajectories[1].partial_success == 0.25
+    assert trajectories[1].metadata["is_robot"] is False and trajectories[0].data_source == "oxe_toto"
+    assert report.rows_read == 5 and report.episodes_written == 2
+    assert report.episodes_skipped == {"no_task": 1, "undecodable_frame": 1, "bad_quality_label": 1}
+    assert any("row 3 frame 0" in note for note in report.notes)
+    robots = list(read_hf_rows(tmp_path / "rows.parquet", HfImportOptions(robot_only=True)))
+    assert [t.episode_id for t in robots] == ["u1"]
+    with pytest.raises(HfRowError, match="row 2"):
+        list(read_hf_rows(tmp_path / "rows.parquet", strict=True))
+
+
+def test_hf_rows_jsonl_with_mp4_image_dirs_and_arrays(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    (media / "ep2").mkdir(parents=True)
+    _write_mp4(media / "ep1.mp4", _frames(10, value=100))
+    for i, frame in enumerate(_frames(4)):
+        (media / "ep2" / f"{i:03d}.png").write_bytes(_png(frame))
+    np.save(media / "ep3.npy", _frames(6))
+    rows = [
+        {"id": "a", "task": "pour", "frames": "ep1.mp4", "data_source": "racer"},
+        {"id": "b", "task": "pour", "frames": "ep2", "quality_label": "suboptimal"},
+        {"id": "c", "task": "pour", "frames": "ep3.npy", "fps": 2},
+        {"id": "d", "task": "pour", "frames": "missing.mp4"},
+    ]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = HfImportReport()
+    options = HfImportOptions(media_dir=media, max_frames=8, data_source="mine")
+    trajectories = {t.episode_id: t for t in read_hf_rows(tmp_path / "rows.jsonl", options, report)}
+    assert set(trajectories) == {"a", "b", "c"}
+    video = trajectories["a"]
+    assert video.frames.shape == (8, 16, 24, 3) and video.metadata["source_frames"] == 10
+    assert np.abs(video.frames[:, 4, 4, 1].astype(int) - 100).max() < 8  # lossy video, right content
+    np.testing.assert_allclose(video.frame_stamps, np.array([0, 1, 3, 4, 5, 6, 8, 9]) / 5)  # the video's 5 fps
+    assert trajectories["b"].quality_label == "suboptimal" and trajectories["b"].data_source == "mine"
+    np.testing.assert_array_equal(trajectories["b"].frames, _frames(4))
+    np.testing.assert_allclose(trajectories["c"].frame_stamps, np.arange(6) / 2)
+    assert report.episodes_skipped == {"missing_media": 1}
+
+
+def test_hf_cli_and_broken_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    frames = [{"bytes": _png(f)} for f in _frames(4)]
+    (tmp_path / "rows.json").write_text(json.dumps([{"id": "z", "task": "t", "frames": []}]))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"id": "p", "task": "t", "frames": frames}]), folder / "a.parquet")
+    (folder / "b.parquet").write_bytes(b"garbage")
+    code = dataset_main(["from-hf", str(folder), "--out", str(tmp_path / "ds")])
+    out = capsys.readouterr().out
+    assert code == 1 and "b.parquet" in out and "episodes written: 1" in out  # partial import, failure named
+    assert len(Dataset(tmp_path / "ds")) == 1
+    report = HfImportReport()
+    assert list(read_hf_rows(tmp_path / "rows.json", report=report)) == []
+    assert report.episodes_skipped == {"empty": 1}
+    with pytest.raises(HfRowError, match="no such file"):
+        list(read_hf_rows(tmp_path / "nothing.parquet"))
