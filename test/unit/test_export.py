@@ -1,0 +1,151 @@
+"""robometer-export: graph hygiene, the in-exporter parity check (it passes, and it can fail), external
+data, the CLI on a checkpoint in the released layout, and torch vs ONNX Runtime parity per part."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from fixtures_bundle import TINY_FRAME_SIZE, TINY_INSTRUCTION, build_tiny_bundle, random_frames
+
+from robometer_ros.engine.bundle import PART_NAMES, Bundle, BundleError
+from robometer_ros.model.checkpoint import save_checkpoint
+from robometer_ros.model.prompt import PromptBuilder
+from robometer_ros.preprocess import FramePreprocessor
+from robometer_ros.training import export
+
+torch.set_num_threads(1)
+
+# fp32 ONNX Runtime vs fp32 PyTorch on the tiny model: observed max |diff| ~ 5e-7
+ATOL = 1e-5
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_graphs_have_no_data_dependent_ops(tiny_bundle) -> None:
+    for part in PART_NAMES:
+        model = onnx.load(str(tiny_bundle.bundle.part_path(part)), load_external_data=False)
+        ops = {node.op_type for node in model.graph.node}
+        assert "NonZero" not in ops, part  # TensorRT's parser rejects it; the layout is gathered by index
+        # a boolean index_put (deepstack / visual merge) would export as ScatterND; the only ScatterNDs
+        # allowed are M-RoPE's static interleave slices inside the rotary embedding
+        scatters = [n.name for n in model.graph.node if n.op_type == "ScatterND"]
+        assert all(name.startswith("/rotary_emb/") for name in scatters), (part, scatters)
+        assert model.opset_import[0].version == export.OPSET
+
+
+def test_parity_check_passes_on_the_exported_bundle(tiny_bundle) -> None:
+    builder = PromptBuilder(tiny_bundle.tokenizer)
+    reports = export.parity_check(tiny_bundle.model, tiny_bundle.path / "onnx", builder,
+                                  tiny_bundle.bundle.manifest.frame, 8, "fp32", log=lambda *_: None)
+    assert len(reports) == 5
+    assert all(r.ok for r in reports), [str(r) for r in reports]
+    assert max(max(r.diffs.values()) for r in reports) < ATOL
+
+
+def test_parity_check_detects_a_different_model(tiny_bundle) -> None:
+    model = copy.deepcopy(tiny_bundle.model)
+    with torch.no_grad():
+        model.progress_head[-1].bias.add_(0.5)  # only the progress logits change
+    builder = PromptBuilder(tiny_bundle.tokenizer)
+    reports = export.parity_check(model, tiny_bundle.path / "onnx", builder, tiny_bundle.bundle.manifest.frame, 8,
+                                  "fp32", log=lambda *_: None)
+    vision = [r for r in reports if r.case.startswith("vision")]
+    language = [r for r in reports if not r.case.startswith("vision")]
+    assert all(r.ok for r in vision)
+    assert not any(r.ok for r in language)
+    assert all(r.diffs["progress_logits"] > 0.4 for r in language)
+
+
+def test_failed_parity_fails_the_export_and_leaves_no_bundle(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(export.TOLERANCES, "fp32", (-1.0, 0.0))  # nothing can pass
+    with pytest.raises(export.ExportError, match="ONNX Runtime disagrees with PyTorch"):
+        build_tiny_bundle(tmp_path / "b", include_checkpoint=False)
+    assert not (tmp_path / "b").exists()
+    assert list(tmp_path.iterdir()) == []  # the staging directory is gone too
+
+
+def test_external_data_export(tmp_path: Path) -> None:
+    tiny = build_tiny_bundle(tmp_path / "b", include_checkpoint=False, external_data=True)
+    m = tiny.bundle.manifest
+    for part in PART_NAMES:
+        spec = m.parts[part]
+        assert spec.external_data == (f"{part}.onnx.data",)
+        assert f"onnx/{part}.onnx.data" in m.files
+    (tmp_path / "b" / "onnx" / "language.onnx.data").unlink()
+    with pytest.raises(BundleError, match=r"missing file onnx/language\.onnx\.data"):
+        Bundle.open(tmp_path / "b")
+
+
+def test_vision_part_parity(tiny_bundle) -> None:
+    frame = tiny_bundle.bundle.manifest.frame
+    prep = FramePreprocessor(frame.height, frame.width)
+    session = _session(tiny_bundle.bundle.part_path("vision"))
+    for image in random_frames(3, seed=1):
+        pixels = prep(image)
+        with torch.no_grad():
+            visual, deepstack = tiny_bundle.model.encode_frame(torch.from_numpy(pixels), frame.grid_thw)
+        got_visual, got_deepstack = session.run(None, {"pixel_values": pixels})
+        np.testing.assert_allclose(got_visual, visual.numpy(), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got_deepstack, deepstack.numpy(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("num_frames", [1, 3, 8])
+def test_language_part_parity_over_frame_counts(tiny_bundle, num_frames: int) -> None:
+    model, frame = tiny_bundle.model, tiny_bundle.bundle.manifest.frame
+    builder = PromptBuilder(tiny_bundle.tokenizer)
+    layout = builder.progress(TINY_INSTRUCTION, [frame.grid_thw] * num_frames)
+    rng = np.random.default_rng(num_frames)
+    v = layout.num_visual_tokens
+    feed = {
+        "input_ids": layout.input_ids, "position_ids": layout.position_ids,
+        "visual_embeds": rng.standard_normal((v, 64)).astype(np.float32),
+        "deepstack_embeds": rng.standard_normal((1, v, 64)).astype(np.float32),
+        "visual_index": layout.visual_index, "visual_mask": layout.visual_mask,
+        "prog_positions": layout.prog_positions,
+    }
+    with torch.no_grad():
+        ref = model.forward_language(*(torch.from_numpy(feed[n]) for n in export.LANGUAGE_INPUTS))
+    got = _session(tiny_bundle.bundle.part_path("language")).run(None, feed)
+    assert got[0].shape == (num_frames, 10)
+    np.testing.assert_allclose(got[0], ref["progress_logits"].numpy(), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got[1], ref["success_logits"].numpy(), atol=ATOL, rtol=0)
+
+
+def test_cli_exports_a_checkpoint(tiny_bundle, tmp_path: Path, capsys) -> None:
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(tiny_bundle.model, tiny_bundle.tokenizer, ckpt)
+    out = tmp_path / "bundle"
+    h, w = TINY_FRAME_SIZE
+    assert export.main([str(ckpt), str(out), "--frame-size", f"{h}x{w}", "--model-id", "cli-test",
+                        "--num-frames", "4"]) == 0
+    b = Bundle.open(out)
+    assert b.model_id == "cli-test" and b.manifest.num_frames == 4
+    assert "parity ok" in capsys.readouterr().out
+    # the same weights: the exported vision part matches the in-memory model
+    pixels = FramePreprocessor(h, w)(random_frames(1, seed=3)[0])
+    got = _session(b.part_path("vision")).run(["visual_embeds"], {"pixel_values": pixels})[0]
+    with torch.no_grad():
+        ref = tiny_bundle.model.encode_frame(torch.from_numpy(pixels), b.manifest.frame.grid_thw)[0].numpy()
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+    # an existing bundle is not overwritten without --overwrite
+    assert export.main([str(ckpt), str(out), "--frame-size", f"{h}x{w}"]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_frame_size_off_the_patch_grid(tiny_bundle, tmp_path: Path, capsys) -> None:
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(tiny_bundle.model, tiny_bundle.tokenizer, ckpt)
+    assert export.main([str(ckpt), str(tmp_path / "b"), "--frame-size", "70x96"]) == 1
+    assert "multiples of 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export.main([str(ckpt), str(tmp_path / "b"), "--frame-size", "big"])

@@ -1,0 +1,244 @@
+"""RewardEngine: same outputs as the reference full forward (ONNX Runtime and torch backends), causality
+through the cache, errors for bad calls, NaN detection, and a producer/scorer thread smoke test."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from fixtures_bundle import TINY_INSTRUCTION, random_frames
+
+from robometer_ros.engine.reward_engine import ModelOutputError, RewardEngine, Scores, UnknownFrameError
+from robometer_ros.engine.runtime import HeadOutputs, create_runtime
+from robometer_ros.engine.torch_runtime import TorchRuntime
+from robometer_ros.model.progress import expected_progress_np, sigmoid_np
+from robometer_ros.model.prompt import PromptBuilder
+from robometer_ros.preprocess import FramePreprocessor
+
+torch.set_num_threads(1)
+
+# Whole pipeline (preprocess -> vision part per frame -> cache -> language part) vs the reference forward
+# on all frames at once, fp32 on CPU: observed max |diff| of the logits ~1e-6.
+LOGIT_ATOL = 1e-4
+PROB_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    return random_frames(10, seed=7)
+
+
+@pytest.fixture(scope="module")
+def ort_engine(tiny_bundle, frames) -> RewardEngine:
+    engine = RewardEngine(tiny_bundle.bundle, backend="onnxruntime", intra_op_threads=1)
+    for i, image in enumerate(frames):
+        engine.add_frame(i, image)
+    return engine
+
+
+def reference_forward(tiny, frames: list[np.ndarray], instruction: str) -> dict[str, np.ndarray]:
+    """The official method: the full model on all frames, re-encoding every frame."""
+    m = tiny.bundle.manifest
+    prep = FramePreprocessor(m.frame.height, m.frame.width)
+    layout = PromptBuilder(tiny.tokenizer).progress(instruction, [m.frame.grid_thw] * len(frames))
+    pixels = torch.from_numpy(np.concatenate([prep(f) for f in frames]))
+    with torch.no_grad():
+        out = tiny.model.forward(
+            torch.from_numpy(layout.input_ids), pixels, torch.from_numpy(layout.image_grid_thw),
+            torch.from_numpy(layout.mm_token_type_ids), torch.from_numpy(layout.prog_positions),
+        )
+    return {k: v.numpy() for k, v in out.items() if k != "hidden_states"}
+
+
+def test_backend_name_reports_the_provider_that_runs(ort_engine) -> None:
+    assert ort_engine.backend_name == "onnxruntime:CPUExecutionProvider"
+    assert ort_engine.runtime.providers_in_use["language"][0] == "CPUExecutionProvider"
+    assert ort_engine.model_id == "robometer-tiny-test"
+    assert ort_engine.num_frames == 8 and ort_engine.frame_size == (64, 96)
+
+
+@pytest.mark.parametrize("ids", [list(range(8)), [0, 0, 2, 5, 9, 9, 9, 9], [3]])
+def test_pipeline_matches_reference_forward(tiny_bundle, ort_engine, frames, ids) -> None:
+    scores = ort_engine.score(TINY_INSTRUCTION, ids)
+    ref = reference_forward(tiny_bundle, [frames[i] for i in ids], TINY_INSTRUCTION)
+    assert isinstance(scores, Scores) and scores.frame_ids == tuple(ids)
+    assert scores.progress_logits.shape == (len(ids), 10)
+    np.testing.assert_allclose(scores.progress_logits, ref["progress_logits"], atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(scores.success_logits, ref["success_logits"], atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(scores.progress, expected_progress_np(ref["progress_logits"]), atol=PROB_ATOL)
+    np.testing.assert_allclose(scores.success_probability, sigmoid_np(ref["success_logits"]), atol=PROB_ATOL)
+    assert np.all((scores.progress >= 0) & (scores.progress <= 1))
+    assert scores.inference_time > 0
+
+
+def test_torch_backend_matches_onnxruntime(tiny_bundle, ort_engine, frames) -> None:
+    runtime = TorchRuntime(tiny_bundle.model, tiny_bundle.bundle.manifest.frame.grid_thw, "cpu")
+    engine = RewardEngine(tiny_bundle.bundle, runtime=runtime)
+    assert engine.backend_name == "torch:cpu"
+    for i in (1, 4, 6, 8):
+        engine.add_frame(i, frames[i])
+    a = engine.score(TINY_INSTRUCTION, [1, 4, 6, 8])
+    b = ort_engine.score(TINY_INSTRUCTION, [1, 4, 6, 8])
+    np.testing.assert_allclose(a.progress_logits, b.progress_logits, atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(a.success_logits, b.success_logits, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_torch_backend_from_the_bundle_checkpoint(tiny_bundle, ort_engine, frames) -> None:
+    engine = RewardEngine(tiny_bundle.bundle, backend="torch", device="cpu")
+    for i in range(3):
+        engine.add_frame(i, frames[i])
+    np.testing.assert_allclose(engine.score(TINY_INSTRUCTION, [0, 1, 2]).progress_logits,
+                               ort_engine.score(TINY_INSTRUCTION, [0, 1, 2]).progress_logits, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_auto_backend_without_gpu_is_onnxruntime(tiny_bundle) -> None:
+    assert create_runtime(tiny_bundle.bundle, "auto", intra_op_threads=1).backend_name.startswith("onnxruntime:")
+
+
+def test_preference_matches_reference(tiny_bundle, ort_engine, frames) -> None:
+    a, b = [0, 2, 4, 6], [1, 3, 5, 7]
+    p = ort_engine.preference(TINY_INSTRUCTION, a, b)
+    m = tiny_bundle.bundle.manifest
+    prep = FramePreprocessor(m.frame.height, m.frame.width)
+    layout = PromptBuilder(tiny_bundle.tokenizer).preference(TINY_INSTRUCTION, [m.frame.grid_thw] * 4,
+                                                             [m.frame.grid_thw] * 4)
+    pixels = torch.from_numpy(np.concatenate([prep(frames[i]) for i in a + b]))
+    with torch.no_grad():
+        ref = tiny_bundle.model.forward(
+            torch.from_numpy(layout.input_ids), pixels, torch.from_numpy(layout.image_grid_thw),
+            torch.from_numpy(layout.mm_token_type_ids), torch.from_numpy(layout.prog_positions),
+            torch.from_numpy(layout.pref_position),
+        )
+    assert 0.0 < p < 1.0
+    assert p == pytest.approx(float(torch.sigmoid(ref["preference_logit"])[0]), abs=PROB_ATOL)
+
+
+def test_causal_a_frame_does_not_see_later_frames(ort_engine) -> None:
+    short = ort_engine.score(TINY_INSTRUCTION, [0, 1, 2])
+    longer = ort_engine.score(TINY_INSTRUCTION, [0, 1, 2, 5, 7, 9])
+    np.testing.assert_allclose(longer.progress_logits[:3], short.progress_logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(longer.success_logits[:3], short.success_logits, atol=1e-5, rtol=0)
+    # while a different earlier frame does change what follows
+    other = ort_engine.score(TINY_INSTRUCTION, [3, 1, 2])
+    assert np.abs(other.progress_logits[1:] - short.progress_logits[1:]).max() > 1e-4
+
+
+def test_cached_features_equal_re_encoding(tiny_bundle, ort_engine, frames) -> None:
+    before = ort_engine.score(TINY_INSTRUCTION, [4, 5])
+    ort_engine.add_frame(5, frames[5])  # re-adding the same image under the same id: same features
+    after = ort_engine.score(TINY_INSTRUCTION, [4, 5])
+    np.testing.assert_array_equal(before.progress_logits, after.progress_logits)
+
+
+def test_bad_calls_raise_clear_errors(ort_engine) -> None:
+    with pytest.raises(UnknownFrameError, match=r"1 frame id\(s\) in frame_ids are not cached.*'nope'"):
+        ort_engine.score(TINY_INSTRUCTION, [0, "nope"])
+    with pytest.raises(ValueError, match="instruction is empty"):
+        ort_engine.score("   ", [0])
+    with pytest.raises(TypeError, match="instruction must be a string"):
+        ort_engine.score(None, [0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="frame_ids is empty"):
+        ort_engine.score(TINY_INSTRUCTION, [])
+    with pytest.raises(ValueError, match="at most 8 per prompt"):
+        ort_engine.score(TINY_INSTRUCTION, list(range(9)))
+    with pytest.raises(ValueError, match="above this bundle's maximum"):
+        ort_engine.score("pick up the block " * 60, [0])
+    with pytest.raises(ValueError, match="uint8"):
+        ort_engine.add_frame("float", np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(TypeError, match="hashable"):
+        ort_engine.add_frame(["list"], np.zeros((8, 8, 3), np.uint8))
+
+
+def test_forget_and_bounded_cache(tiny_bundle, frames) -> None:
+    engine = RewardEngine(tiny_bundle.bundle, backend="onnxruntime", intra_op_threads=1, max_cached_frames=3)
+    for i in range(5):
+        engine.add_frame(i, frames[i])
+    assert engine.cached_frame_ids() == [2, 3, 4] and len(engine) == 3
+    per_frame = 6 * 64 * 4 * 2  # tokens x hidden x float32 x (visual + 1 deepstack layer)
+    assert engine.cache_nbytes == 3 * per_frame
+    engine.forget([3, 99])
+    assert 3 not in engine and engine.cache_nbytes == 2 * per_frame
+    with pytest.raises(UnknownFrameError):
+        engine.score(TINY_INSTRUCTION, [2, 3])
+    engine.clear()
+    assert len(engine) == 0 and engine.cache_nbytes == 0
+
+
+class _NaNRuntime:
+    """Wraps a runtime and poisons the language outputs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.backend_name = inner, "nan-test"
+
+    def encode_frame(self, pixel_values):
+        return self.inner.encode_frame(pixel_values)
+
+    def run_language(self, inputs, frames) -> HeadOutputs:
+        out = self.inner.run_language(inputs, frames)
+        out.success_logits[0] = np.nan
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_non_finite_outputs_raise(tiny_bundle, frames) -> None:
+    inner = create_runtime(tiny_bundle.bundle, "onnxruntime", intra_op_threads=1)
+    engine = RewardEngine(tiny_bundle.bundle, runtime=_NaNRuntime(inner))
+    engine.add_frame(0, frames[0])
+    with pytest.raises(ModelOutputError, match="non-finite values in success_logits"):
+        engine.score(TINY_INSTRUCTION, [0])
+
+
+def test_one_producer_and_one_scorer_thread(tiny_bundle, frames) -> None:
+    from robometer_ros.episode import subsample_indices
+
+    engine = RewardEngine(tiny_bundle.bundle, backend="onnxruntime", intra_op_threads=1)
+    total = 30
+    added = threading.Event()
+    errors: list[BaseException] = []
+    results: dict[int, np.ndarray] = {}
+    count = [0]
+    lock = threading.Lock()
+
+    def producer() -> None:
+        try:
+            for i in range(total):
+                engine.add_frame(i, frames[i % len(frames)])
+                with lock:
+                    count[0] = i + 1
+                if i >= 20:
+                    engine.forget([i - 20])  # keep a window, as the node's FrameStore does
+                added.set()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def scorer() -> None:
+        try:
+            added.wait(10)
+            while True:
+                with lock:
+                    n = count[0]
+                start = max(0, n - 20)
+                ids = [start + k for k in subsample_indices(n - start, 8)]
+                try:
+                    results[n] = engine.score(TINY_INSTRUCTION, ids).progress
+                except UnknownFrameError:
+                    continue  # the window moved between reading n and scoring: retry with the new state
+                if n == total:
+                    return
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=producer), threading.Thread(target=scorer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert total in results and len(engine) == 20
+    # the last concurrent result equals a quiet recomputation
+    ids = [10 + k for k in subsample_indices(20, 8)]
+    np.testing.assert_allclose(results[total], engine.score(TINY_INSTRUCTION, ids).progress, atol=1e-6)
