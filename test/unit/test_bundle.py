@@ -65,7 +65,7 @@ def test_open_reads_manifest(tiny_bundle) -> None:
 def test_missing_directory_and_manifest(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="does not exist"):
         Bundle.open(tmp_path / "nope")
-    with pytest.raises(BundleError, match="missing manifest.json"):
+    with pytest.raises(BundleError, match=r"missing manifest\.json"):
         Bundle.open(tmp_path)
 
 

@@ -212,7 +212,7 @@ def test_one_producer_and_one_scorer_thread(tiny_bundle, frames) -> None:
                 if i >= 20:
                     engine.forget([i - 20])  # keep a window, as the node's FrameStore does
                 added.set()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     def scorer() -> None:
@@ -229,7 +229,7 @@ def test_one_producer_and_one_scorer_thread(tiny_bundle, frames) -> None:
                     continue  # the window moved between reading n and scoring: retry with the new state
                 if n == total:
                     return
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=producer), threading.Thread(target=scorer)]
