@@ -23,6 +23,7 @@ or too-short episodes are counted in the ImportReport with their reasons.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import math
@@ -316,14 +317,15 @@ class _BagReader:
                 f"{self.bag}: {zero_stamps} frames had a zero header stamp; used the bag's receive time"
             )
 
-        instructions: list[tuple[int, str]] = []
+        instructions = _InstructionTimeline([])
         if options.instruction is None:
             instruction_topic = self._topic(
                 options.instruction_topic, lambda t: t == STRING_TYPE, "std_msgs/String instruction", required=False
             )
             if instruction_topic is not None:
-                instructions = [(bag_ns, str(m.data)) for bag_ns, m in self._messages(instruction_topic)]
-                instructions = [(t, text) for t, text in instructions if text.strip()]
+                instructions = _InstructionTimeline(
+                    [(bag_ns, str(m.data)) for bag_ns, m in self._messages(instruction_topic)]
+                )
 
         label = _recorder_label(self.bag)
         status_topic = self._topic(
@@ -446,7 +448,7 @@ class _BagReader:
         return episodes
 
     def _split_by_gaps(
-        self, frames: list[_FrameStamp], order: list[int], instructions: list[tuple[int, str]]
+        self, frames: list[_FrameStamp], order: list[int], instructions: _InstructionTimeline
     ) -> list[_Episode]:
         """Episodes separated by gaps of more than `gap` seconds (and, optionally, instruction changes)."""
         gap_ns = self.options.gap * _NS
@@ -454,7 +456,7 @@ class _BagReader:
         current: list[int] = []
         current_instruction = None
         for position in order:
-            instruction = _latest_instruction(instructions, frames[position].bag_ns)
+            instruction = instructions.latest(frames[position].bag_ns)
             new_episode = bool(current) and (
                 frames[position].stamp_ns - frames[current[-1]].stamp_ns > gap_ns
                 or (self.options.split_on_instruction and instructions and instruction != current_instruction)
@@ -470,16 +472,15 @@ class _BagReader:
         return episodes
 
     def _instruction_for(
-        self, episode: _Episode, frames: list[_FrameStamp], instructions: list[tuple[int, str]], label: dict[str, str]
+        self, episode: _Episode, frames: list[_FrameStamp], instructions: _InstructionTimeline, label: dict[str, str]
     ) -> str | None:
         if self.options.instruction is not None:
             return self.options.instruction
         if episode.frames:
             first = min(frames[i].bag_ns for i in episode.frames)
-            found = _latest_instruction(instructions, first)
+            found = instructions.latest(first)
             if found is None:  # an instruction published just after the first frame
-                last = max(frames[i].bag_ns for i in episode.frames)
-                found = next((text for t, text in instructions if first <= t <= last), None)
+                found = instructions.first_within(first, max(frames[i].bag_ns for i in episode.frames))
             if found is not None:
                 return found
         text = label.get("robometer_ros.instruction", "").strip()
@@ -596,14 +597,26 @@ class _BagReader:
         )
 
 
-def _latest_instruction(instructions: list[tuple[int, str]], at_ns: int) -> str | None:
-    """The last instruction published at or before `at_ns` (bag time)."""
-    found = None
-    for stamp, text in instructions:
-        if stamp > at_ns:
-            break
-        found = text
-    return found
+class _InstructionTimeline:
+    """Instructions by bag time (empty strings dropped), with O(log n) look-ups."""
+
+    def __init__(self, messages: list[tuple[int, str]]) -> None:
+        kept = sorted(((t, text) for t, text in messages if text.strip()), key=lambda item: item[0])
+        self.times = [t for t, _ in kept]
+        self.texts = [text for _, text in kept]
+
+    def __bool__(self) -> bool:
+        return bool(self.times)
+
+    def latest(self, at_ns: int) -> str | None:
+        """The last instruction published at or before `at_ns`."""
+        index = bisect.bisect_right(self.times, at_ns)
+        return self.texts[index - 1] if index else None
+
+    def first_within(self, start_ns: int, end_ns: int) -> str | None:
+        """The first instruction published in [start_ns, end_ns]."""
+        index = bisect.bisect_left(self.times, start_ns)
+        return self.texts[index] if index < len(self.times) and self.times[index] <= end_ns else None
 
 
 def _resize(frame: np.ndarray, shortest_edge: int | None) -> np.ndarray:

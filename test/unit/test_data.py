@@ -64,6 +64,12 @@ def test_jpeg_is_close_and_smaller(tmp_path: Path) -> None:
     trajectory = Trajectory("pick", np.ascontiguousarray(smooth), np.arange(5.0))
     jpeg = write_dataset(tmp_path / "jpeg", [trajectory], frame_codec="jpeg")
     assert np.abs(jpeg[0].frames.astype(int) - smooth).mean() < 3.0
+    noisy = np.clip(smooth + np.random.default_rng(0).normal(0, 3, smooth.shape), 0, 255).astype(np.uint8)
+    sizes = {}
+    for codec in ("jpeg", "png"):
+        write_dataset(tmp_path / f"noisy-{codec}", [Trajectory("pick", noisy, np.arange(5.0))], frame_codec=codec)
+        sizes[codec] = sum(p.stat().st_size for p in (tmp_path / f"noisy-{codec}").rglob("*.npz"))
+    assert sizes["jpeg"] < sizes["png"]
 
 
 def test_shards_and_partial_frame_reads(tmp_path: Path) -> None:
