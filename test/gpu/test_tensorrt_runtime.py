@@ -1,0 +1,61 @@
+"""TensorRT runtime on a real GPU: build the tiny bundle's plans here, then the RewardEngine's tensorrt backend
+must match ONNX Runtime (fp32 plans: 1e-3 on logits; fp16 plans: 5e-2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_bundle import TINY_INSTRUCTION, copy_bundle, random_frames
+
+from robometer_ros.engine.bundle import Bundle
+from robometer_ros.engine.reward_engine import RewardEngine
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def built_bundle(tiny_bundle, tmp_path_factory) -> Bundle:
+    from robometer_ros.engine import tensorrt_build
+
+    try:
+        from robometer_ros.engine.trt_common import import_tensorrt
+
+        import_tensorrt()
+    except Exception as exc:  # noqa: BLE001 - any import failure means no TensorRT here
+        pytest.skip(f"no TensorRT: {exc}")
+    bundle = Bundle.open(copy_bundle(tiny_bundle.path, tmp_path_factory.mktemp("trt") / "bundle"))
+    results = tensorrt_build.build_engines(bundle, precision="fp32")
+    assert all(r.status == "built" for r in results), [r.message for r in results]
+    return bundle
+
+
+def test_tensorrt_matches_onnxruntime(built_bundle: Bundle) -> None:
+    trt_engine = RewardEngine(built_bundle, backend="tensorrt")
+    ort_engine = RewardEngine(built_bundle, backend="onnxruntime", providers=["CPUExecutionProvider"])
+    assert trt_engine.backend_name.endswith(":fp32")
+    frames = random_frames(8, seed=11)
+    for i, image in enumerate(frames):
+        trt_engine.add_frame(i, image)
+        ort_engine.add_frame(i, image)
+    for ids in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 3, 7], [5]):
+        a = trt_engine.score(TINY_INSTRUCTION, ids)
+        b = ort_engine.score(TINY_INSTRUCTION, ids)
+        np.testing.assert_allclose(a.progress_logits, b.progress_logits, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(a.success_logits, b.success_logits, atol=1e-3, rtol=0)
+    pa = trt_engine.preference(TINY_INSTRUCTION, [0, 1, 2, 3], [4, 5, 6, 7])
+    pb = ort_engine.preference(TINY_INSTRUCTION, [0, 1, 2, 3], [4, 5, 6, 7])
+    assert abs(pa - pb) < 1e-3
+
+
+def test_auto_picks_tensorrt_when_a_plan_exists(built_bundle: Bundle) -> None:
+    engine = RewardEngine(built_bundle, backend="auto")
+    assert engine.backend_name.startswith("tensorrt")
+
+
+def test_features_stay_on_the_gpu(built_bundle: Bundle, tmp_path: Path) -> None:
+    engine = RewardEngine(built_bundle, backend="tensorrt")
+    engine.add_frame("a", random_frames(1)[0])
+    features = engine._cache["a"]
+    assert features.visual.is_cuda and features.deepstack.is_cuda
