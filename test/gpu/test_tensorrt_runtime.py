@@ -23,7 +23,7 @@ def built_bundle(tiny_bundle, tmp_path_factory) -> Bundle:
         from robometer_ros.engine.trt_common import import_tensorrt
 
         import_tensorrt()
-    except Exception as exc:  # noqa: BLE001 - any import failure means no TensorRT here
+    except Exception as exc:
         pytest.skip(f"no TensorRT: {exc}")
     bundle = Bundle.open(copy_bundle(tiny_bundle.path, tmp_path_factory.mktemp("trt") / "bundle"))
     results = tensorrt_build.build_engines(bundle, precision="fp32")

@@ -71,7 +71,7 @@ def test_builds_every_part_on_cpu_and_reuses_current_plans(bundle: Bundle) -> No
 
     # plans exist, but without a GPU the auto backend must not pick TensorRT
     assert create_runtime(reopened, "auto", intra_op_threads=1).backend_name.startswith("onnxruntime:")
-    with pytest.raises(RuntimeUnavailableError, match="no CUDA GPU|not importable"):
+    with pytest.raises(RuntimeUnavailableError, match=r"no CUDA GPU|not importable"):
         create_runtime(reopened, "tensorrt")
 
 
@@ -84,7 +84,7 @@ def test_precision_requests_that_cannot_be_met(bundle: Bundle) -> None:
 
     with pytest.raises(tensorrt_build.EngineBuildError, match=r"fp8 is not supported on .*8\.6.*>= 8\.9"):
         tensorrt_build.resolve_precision("fp8", trt, "tensorrt_rtx", bundle, GpuIdentity("NVIDIA RTX A6000", "8.6"))
-    with pytest.raises(tensorrt_build.EngineBuildError, match="Q/DQ|QuantizeLinear"):
+    with pytest.raises(tensorrt_build.EngineBuildError, match=r"Q/DQ|QuantizeLinear"):
         tensorrt_build.resolve_precision("fp8", trt, "tensorrt_rtx", bundle, GpuIdentity("NVIDIA H100", "9.0"))
     assert tensorrt_build.resolve_precision("auto", trt, "tensorrt_rtx", bundle, None) == "fp32"
 
