@@ -307,14 +307,18 @@ class PairSampler:
         metas = collection.metas
         usable = [m for m in metas if m.n_frames >= self.config.min_frames]
         self.excluded_short = len(metas) - len(usable)
+        self._usable_count = len(usable)
         self._metas = metas
 
         successful = [m for m in usable if m.quality_label == SUCCESSFUL and not _is_partial(m)]
         self._successful_by_task: dict[str, list[int]] = {}
-        self._successful_by_source: dict[str, list[int]] = {}
+        # source -> task -> successful positions (DIFFERENT_TASK negatives from the same source)
+        self._successful_by_source_task: dict[str, dict[str, list[int]]] = {}
         for m in successful:
             self._successful_by_task.setdefault(m.instruction, []).append(m.index)
-            self._successful_by_source.setdefault(m.data_source, []).append(m.index)
+            self._successful_by_source_task.setdefault(m.data_source, {}).setdefault(m.instruction, []).append(
+                m.index
+            )
         self._successful = [m.index for m in successful]
         self._worse_by_task: dict[str, list[int]] = {}
         for m in usable:
@@ -324,13 +328,21 @@ class PairSampler:
         for m in usable:
             if m.partial_success is not None:
                 self._partial_by_task.setdefault(m.instruction, []).append(m.index)
+        # per task, the lowest and highest partial-success score: a trajectory has a partner iff it is
+        # at least the threshold away from one of them (O(1) instead of scanning the task)
+        self._partial_range = {
+            task: (min(metas[p].partial_success for p in positions), max(metas[p].partial_success for p in positions))
+            for task, positions in self._partial_by_task.items()
+        }
 
         # Candidate first picks of each strategy, grouped by data source.
         candidates: dict[Strategy, dict[str, list[int]]] = {s: {} for s in Strategy}
         for m in usable:
             task = m.instruction
             if m.partial_success is not None:
-                if self._partial_partners(m.index):
+                low, high = self._partial_range[task]
+                threshold = self.config.partial_success_threshold - 1e-9
+                if high - m.partial_success >= threshold or m.partial_success - low >= threshold:
                     candidates[Strategy.SUBOPTIMAL].setdefault(m.data_source, []).append(m.index)
             elif (
                 m.quality_label in (SUCCESSFUL, FAILURE, SUBOPTIMAL)
@@ -364,7 +376,7 @@ class PairSampler:
     def __len__(self) -> int:
         if self.config.epoch_size is not None:
             return int(self.config.epoch_size)
-        return sum(m.n_frames >= self.config.min_frames for m in self._metas)
+        return self._usable_count
 
     def __getitem__(self, index: int) -> PairSample:
         return self.sample(index)
@@ -473,10 +485,15 @@ class PairSampler:
                 _Side(picked, np.arange(n), "normal"))
 
     def _different_task_partner(self, rng: np.random.Generator, meta: EpisodeMeta) -> int:
-        same_source = [p for p in self._successful_by_source[meta.data_source]
-                       if self._metas[p].instruction != meta.instruction]
-        if same_source and rng.random() < self.config.different_task_same_source_prob:
-            return same_source[int(rng.integers(len(same_source)))]
+        by_task = self._successful_by_source_task[meta.data_source]
+        others = [(task, positions) for task, positions in by_task.items() if task != meta.instruction]
+        if others and rng.random() < self.config.different_task_same_source_prob:
+            # uniform over the source's successful trajectories of other tasks
+            draw = int(rng.integers(sum(len(positions) for _, positions in others)))
+            for _, positions in others:
+                if draw < len(positions):
+                    return positions[draw]
+                draw -= len(positions)
         # Any source: pick another task uniformly, then a trajectory of it.
         tasks = [t for t in self._successful_by_task if t != meta.instruction]
         task = tasks[int(rng.integers(len(tasks)))]
