@@ -34,33 +34,32 @@ ARGUMENTS = (
 )
 
 
-def _package_paths() -> tuple[str | None, Path]:
-    """(ament share directory or None when robometer_ros is not installed with colcon, config directory)."""
+def _package_paths() -> tuple[bool, Path]:
+    """(whether robometer_ros is installed with its executable (colcon), the directory of reward_node.yaml)."""
     try:
-        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-    except ImportError:
-        share = None
-    else:
-        try:
-            share = get_package_share_directory(PACKAGE)
-        except PackageNotFoundError:
-            share = None
-    if share is not None and (Path(share) / "config" / "reward_node.yaml").exists():
-        return share, Path(share) / "config"
-    return None, Path(__file__).resolve().parents[1] / "config"
+        from ament_index_python.packages import get_package_prefix
+
+        prefix = Path(get_package_prefix(PACKAGE))
+    except Exception:  # not installed, no ament_index_python, or AMENT_PREFIX_PATH unset
+        prefix = None
+    if prefix is not None:
+        config = prefix / "share" / PACKAGE / "config"
+        if (config / "reward_node.yaml").exists() and (prefix / "lib" / PACKAGE / "reward_node").exists():
+            return True, config
+    return False, Path(__file__).resolve().parents[1] / "config"
 
 
 def _node(context: LaunchContext) -> list[LifecycleNode]:
     def arg(name: str) -> str:
         return LaunchConfiguration(name).perform(context).strip()
 
-    share, config_dir = _package_paths()
+    installed, config_dir = _package_paths()
     params_file = arg("params_file") or str(config_dir / "reward_node.yaml")
     overrides: dict[str, object] = {"use_sim_time": arg("use_sim_time").lower() in ("true", "1", "yes")}
     for name in ("bundle", "image_topic", "instruction_topic"):
         if arg(name):
             overrides[name] = arg(name)
-    if share is not None:
+    if installed:
         executable: dict[str, object] = {"package": PACKAGE, "executable": "reward_node"}
     else:  # a source checkout in a venv: no lib/robometer_ros/reward_node, run the module instead
         executable = {"executable": sys.executable, "arguments": ["-m", "robometer_ros.reward_node"]}

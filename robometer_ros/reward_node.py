@@ -700,6 +700,7 @@ class RewardNode(LifecycleNode):
         )
         self._episode = episode
         self._images.clear()  # unencoded frames of the old episode; the worker forgets its encoded ones
+        self._record(lambda rec: rec.start_episode(episode.episode_id, instruction))
         self._publish_status(episode)
         if self._flag_failed:
             # The latched flag still says the old episode failed; a late subscriber must not read that as
@@ -707,7 +708,6 @@ class RewardNode(LifecycleNode):
             self._publish_flag(episode, failed=False, reason=FailureFlag.REASON_NONE,
                                severity=FailureFlag.SEVERITY_INFO, confidence=1.0,
                                detail="new episode", header=Header())
-        self._record(lambda rec: rec.start_episode(episode.episode_id, instruction))
         self._wake.notify_all()
         return old, episode
 
