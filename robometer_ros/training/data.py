@@ -21,9 +21,11 @@ Pure numpy + PIL: importable without torch or rclpy.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -508,6 +510,49 @@ def write_dataset(
     return Dataset(directory)
 
 
+def _stable_fraction(text: str, seed: int) -> float:
+    """A number in [0, 1) fixed by (text, seed): the same on every machine and Python run."""
+    digest = hashlib.sha256(f"{seed}\x1f{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(
+    directory: str | os.PathLike[str], val_fraction: float, by: str = "episode", seed: int = 0
+) -> dict[str, int]:
+    """Tag every episode's metadata "split" as "train" or "val" and rewrite index.jsonl (frames untouched).
+
+    by="episode": within each task, the `val_fraction` of its episodes with the lowest stable hash of
+    (seed, episode_id) go to val (rounded, so a task with few episodes may have none in val);
+    by="task": whole tasks go to val (held-out instructions), chosen by the stable hash of the task.
+    The trainer and evaluator select a split with `--split val` / `data.eval_split`. Returns counts.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if by not in ("episode", "task"):
+        raise ValueError(f"by must be 'episode' or 'task', got {by!r}")
+    dataset = Dataset(directory)
+    in_val: set[int] = set()
+    by_task = dataset.indices_by_task()
+    if by == "task":
+        tasks = sorted(by_task, key=lambda task: _stable_fraction(task, seed))
+        for task in tasks[: round(val_fraction * len(tasks))]:
+            in_val.update(by_task[task])
+    else:
+        for positions in by_task.values():
+            ranked = sorted(positions, key=lambda p: _stable_fraction(dataset.metas[p].episode_id, seed))
+            in_val.update(ranked[: round(val_fraction * len(ranked))])
+    temporary = dataset.directory / (_INDEX_FILE + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as stream:
+        for meta in dataset.metas:
+            metadata = {**meta.metadata, "split": "val" if meta.index in in_val else "train"}
+            values = asdict(meta)
+            values["metadata"] = metadata
+            values["frame_shape"] = meta.frame_shape
+            stream.write(EpisodeMeta(**values).to_json() + "\n")
+    temporary.replace(dataset.directory / _INDEX_FILE)
+    return {"train": len(dataset) - len(in_val), "val": len(in_val)}
+
+
 def summarize(collection: TrajectoryCollection) -> dict[str, Any]:
     """Counts for `robometer-dataset info`: episodes, frames, by source / label / task, frame shapes."""
     by_source: dict[str, int] = {}
@@ -538,4 +583,6 @@ def summarize(collection: TrajectoryCollection) -> dict[str, Any]:
         "frame_shapes": dict(sorted(shapes.items())),
         "with_partial_success": sum(meta.partial_success is not None for meta in collection.metas),
         "with_progress": sum(meta.has_progress for meta in collection.metas),
+        "by_split": dict(sorted(Counter(str(m.metadata["split"]) for m in collection.metas
+                                        if "split" in m.metadata).items())),
     }

@@ -2,6 +2,7 @@
 
     robometer-dataset from-bags BAG_OR_FOLDER... --out DIR [--image-topic T] [--instruction TEXT] ...
     robometer-dataset from-hf ROWS.parquet|ROWS.jsonl... --out DIR [--media-dir DIR] ...
+    robometer-dataset split DIR --val-fraction 0.1 [--by episode|task]
     robometer-dataset info DIR
 
 Exit status: 0 on success; 1 when some input could not be read or nothing was imported (the report
@@ -27,6 +28,7 @@ from robometer_ros.training.data import (
     Dataset,
     DatasetError,
     DatasetWriter,
+    assign_splits,
     summarize,
 )
 from robometer_ros.trajectory import QUALITY_LABELS
@@ -180,6 +182,21 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_split(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", type=Path, help="dataset directory (its index is rewritten in place)")
+    parser.add_argument("--val-fraction", type=float, required=True, help="share of episodes (or tasks) for val")
+    parser.add_argument("--by", choices=("episode", "task"), default="episode",
+                        help="episode: a share of each task's episodes; task: hold out whole tasks")
+    parser.add_argument("--seed", type=int, default=0, help="changes which episodes / tasks are chosen")
+
+
+def _run_split(args: argparse.Namespace) -> int:
+    counts = assign_splits(args.dataset, args.val_fraction, by=args.by, seed=args.seed)
+    print(f"{args.dataset}: train {counts['train']}, val {counts['val']} (metadata 'split'; "
+          "use --split val / data.eval_split: val)")
+    return 0
+
+
 def subcommands() -> list[Subcommand]:
     """Every subcommand, in `--help` order. Add new ones here (e.g. from-metaworld)."""
     return [
@@ -187,6 +204,8 @@ def subcommands() -> list[Subcommand]:
                    _run_from_bags),
         Subcommand("from-hf", "import RBM-1M / Hugging Face rows (parquet / jsonl + media) as a dataset",
                    _configure_from_hf, _run_from_hf),
+        Subcommand("split", "tag episodes train / val (stable hashes; per task or whole tasks)", _configure_split,
+                   _run_split),
         Subcommand("info", "print a dataset's counts (episodes, frames, sources, labels, tasks)", _configure_info,
                    _run_info),
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from robometer_ros.training.data import (
     DatasetError,
     DatasetWriter,
     InMemoryDataset,
+    assign_splits,
     summarize,
     write_dataset,
 )
@@ -164,6 +166,28 @@ def test_writing_is_deterministic(tmp_path: Path) -> None:
     assert (tmp_path / "one" / "index.jsonl").read_bytes() == (tmp_path / "two" / "index.jsonl").read_bytes()
     for name in ("shard-00000/000000.npz", "shard-00000/000002.npz"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_assign_splits_is_stable_and_per_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trajectories = [_trajectory(i, task=f"task{i % 4}", n=3) for i in range(40)]
+    write_dataset(tmp_path / "ds", trajectories, frame_codec="npz")
+    counts = assign_splits(tmp_path / "ds", 0.2)
+    assert counts == {"train": 32, "val": 8}
+    dataset = Dataset(tmp_path / "ds")
+    val = dataset.filter(predicate=lambda meta: meta.metadata["split"] == "val")
+    assert sorted(Counter(m.instruction for m in val.metas).values()) == [2, 2, 2, 2]  # 20 % of each task
+    assert dataset.metas[5].metadata["number"] == 5  # other metadata kept
+    np.testing.assert_array_equal(dataset[5].frames, trajectories[5].frames)
+    first = [m.metadata["split"] for m in dataset.metas]
+    assign_splits(tmp_path / "ds", 0.2)
+    assert [m.metadata["split"] for m in Dataset(tmp_path / "ds").metas] == first  # same answer again
+    assert dataset_main(["split", str(tmp_path / "ds"), "--val-fraction", "0.5", "--by", "task"]) == 0
+    assert "train 20, val 20" in capsys.readouterr().out
+    held_out = {m.instruction for m in Dataset(tmp_path / "ds").metas if m.metadata["split"] == "val"}
+    assert len(held_out) == 2
+    assert summarize(Dataset(tmp_path / "ds"))["by_split"] == {"train": 20, "val": 20}
+    with pytest.raises(ValueError, match="val_fraction"):
+        assign_splits(tmp_path / "ds", 1.0)
 
 
 def test_summary_counts() -> None:
