@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -423,7 +424,7 @@ class Dataset(TrajectoryCollection):
                                 blob[offsets[i] : offsets[i + 1]].tobytes(), f"{path} frame {i}"
                             )
                     frames = np.stack([decoded[i] for i in wanted])
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise DatasetError(f"{path}: cannot read episode {meta.episode_id!r}: {error}") from error
         if frame_indices is not None:
             stamps = stamps[frame_indices]

@@ -99,6 +99,10 @@ def test_metadata_needs_no_frames(tmp_path: Path) -> None:
     assert reopened.indices_by_task() == {"pick": [0], "place": [1]}
     with pytest.raises(DatasetError, match=r"000001\.npz"):
         reopened[1]
+    episode_file = tmp_path / "ds" / dataset.metas[0].file
+    episode_file.write_bytes(episode_file.read_bytes()[:100])  # truncated
+    with pytest.raises(DatasetError, match=r"000000\.npz: cannot read episode 'ep0'"):
+        reopened.frames(0, [1])
 
 
 def test_filters_and_index_maps() -> None:
