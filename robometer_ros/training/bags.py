@@ -524,7 +524,8 @@ class _BagReader:
                         f"instruction topic (the bag has: {_topics_text(self.topics)})"
                     )
                 continue
-            report.frames_skipped["subsampled"] += episode.source_frames - len(episode.frames)
+            if episode.source_frames > len(episode.frames):
+                report.frames_skipped["subsampled"] += episode.source_frames - len(episode.frames)
             usable.append(episode)
             for position in episode.frames:
                 wanted[position] = episode

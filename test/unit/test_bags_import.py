@@ -311,6 +311,31 @@ def test_folder_of_bags_keeps_going_and_reports_failures(tmp_path: Path) -> None
         find_bags(tmp_path / "missing")
 
 
+def test_ros1_bag(tmp_path: Path) -> None:
+    from rosbags.rosbag1 import Writer as Ros1Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ros1 = get_typestore(Stores.ROS1_NOETIC)
+    types = ros1.types
+    with Ros1Writer(tmp_path / "old.bag") as writer:
+        task = writer.add_connection("/task", "std_msgs/msg/String", typestore=ros1)
+        camera = writer.add_connection("/cam", "sensor_msgs/msg/Image", typestore=ros1)
+        writer.write(task, 1, ros1.serialize_ros1(types["std_msgs/msg/String"](data="pick"), "std_msgs/msg/String"))
+        for i in range(4):
+            t = NS + i * NS // 10
+            stamp = types["builtin_interfaces/msg/Time"](sec=t // NS, nanosec=t % NS)
+            header = types["std_msgs/msg/Header"](seq=i, stamp=stamp, frame_id="c")
+            pixels = _frame(i)
+            image = types["sensor_msgs/msg/Image"](header=header, height=6, width=8, encoding="rgb8",
+                                                   is_bigendian=0, step=24, data=pixels.reshape(-1))
+            writer.write(camera, t, ros1.serialize_ros1(image, "sensor_msgs/msg/Image"))
+    report = ImportReport()
+    (trajectory,) = read_bag(tmp_path / "old.bag", report=report)
+    assert trajectory.instruction == "pick" and len(trajectory) == 4
+    np.testing.assert_array_equal(trajectory.frames[2], _frame(2))
+    assert report.frames_skipped == {}
+
+
 def test_recorder_bags_import_with_their_label(tmp_path: Path) -> None:
     topics = RecordTopics(image="/cam")
     recorder = EpisodeRecorder(tmp_path / "episodes", storage="mcap", topics=topics)
