@@ -195,9 +195,15 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
         raise HfRowError("undecodable_frame", f"{where}: cannot decode image: {error}") from error
 
 
-def _read_video(path: Path) -> tuple[np.ndarray, float | None]:
-    """All frames of a video file as uint8 RGB and its frame rate (PyAV; GIFs through PIL)."""
-    if path.suffix.lower() == ".gif":
+def _read_video(path: Path | bytes) -> tuple[np.ndarray, float | None]:
+    """All frames of a video (a file, or its bytes) as uint8 RGB and its frame rate (PyAV; GIFs via PIL)."""
+    if isinstance(path, bytes):
+        where = f"<{len(path)} video bytes>"
+        source: Any = io.BytesIO(path)
+    else:
+        where = str(path)
+        source = str(path)
+    if not isinstance(path, bytes) and path.suffix.lower() == ".gif":
         from PIL import ImageSequence
 
         try:
@@ -212,17 +218,17 @@ def _read_video(path: Path) -> tuple[np.ndarray, float | None]:
     except ImportError as error:
         raise HfRowError(
             "no_video_decoder",
-            f"{path}: decoding videos needs PyAV: pip install av (or convert the videos to image lists)",
+            f"{where}: decoding videos needs PyAV: pip install av (or convert the videos to image lists)",
         ) from error
     try:
-        with av.open(str(path)) as container:
+        with av.open(source) as container:
             stream = container.streams.video[0]
             rate = float(stream.average_rate) if stream.average_rate else None
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
     except Exception as error:  # av.error.* for missing / corrupt files
-        raise HfRowError("undecodable_video", f"{path}: cannot decode video: {error}") from error
+        raise HfRowError("undecodable_video", f"{where}: cannot decode video: {error}") from error
     if not frames:
-        raise HfRowError("empty", f"{path}: the video has no frames")
+        raise HfRowError("empty", f"{where}: the video has no frames")
     return np.stack(frames), rate
 
 
@@ -258,6 +264,13 @@ class _RowReader:
             if suffix in IMAGE_SUFFIXES:
                 return self._stack([_decode_image(media.read_bytes(), str(media))], where), None
             raise HfRowError("bad_frames", f"{where}: unsupported media {media} (suffix {suffix!r})")
+        if isinstance(value, dict):  # a Hugging Face Video / Image struct: {"path": ..., "bytes": ...}
+            if value.get("bytes"):
+                frames, rate = _read_video(bytes(value["bytes"]))
+                return self._stack(list(frames), where), rate
+            if value.get("path"):
+                return self.frames(str(value["path"]), where)
+            raise HfRowError("bad_frames", f"{where}: frames struct has neither bytes nor path")
         if isinstance(value, (list, tuple)):
             decoded = []
             for number, item in enumerate(value):

@@ -276,12 +276,14 @@ def test_hf_rows_jsonl_with_mp4_image_dirs_and_arrays(tmp_path: Path) -> None:
         {"id": "b", "task": "pour", "frames": "ep2", "quality_label": "suboptimal"},
         {"id": "c", "task": "pour", "frames": "ep3.npy", "fps": 2},
         {"id": "d", "task": "pour", "frames": "missing.mp4"},
+        {"id": "e", "task": "pour", "frames": {"path": "ep1.mp4", "bytes": None}},
     ]
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     report = HfImportReport()
     options = HfImportOptions(media_dir=media, max_frames=8, data_source="mine")
     trajectories = {t.episode_id: t for t in read_hf_rows(tmp_path / "rows.jsonl", options, report)}
-    assert set(trajectories) == {"a", "b", "c"}
+    assert set(trajectories) == {"a", "b", "c", "e"}
+    np.testing.assert_array_equal(trajectories["e"].frames, trajectories["a"].frames)
     video = trajectories["a"]
     assert video.frames.shape == (8, 16, 24, 3) and video.metadata["source_frames"] == 10
     assert np.abs(video.frames[:, 4, 4, 1].astype(int) - 100).max() < 8  # lossy video, right content
@@ -290,6 +292,13 @@ def test_hf_rows_jsonl_with_mp4_image_dirs_and_arrays(tmp_path: Path) -> None:
     np.testing.assert_array_equal(trajectories["b"].frames, _frames(4))
     np.testing.assert_allclose(trajectories["c"].frame_stamps, np.arange(6) / 2)
     assert report.episodes_skipped == {"missing_media": 1}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    video_bytes = {"id": "f", "task": "pour", "frames": {"bytes": (media / "ep1.mp4").read_bytes(), "path": None}}
+    pq.write_table(pa.Table.from_pylist([video_bytes]), tmp_path / "video.parquet")
+    (trajectory,) = read_hf_rows(tmp_path / "video.parquet", options)
+    np.testing.assert_array_equal(trajectory.frames, video.frames)  # a video held in the row itself
 
 
 def test_hf_cli_and_broken_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
