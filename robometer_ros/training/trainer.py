@@ -149,14 +149,17 @@ def open_split(dataset: str | os.PathLike[str], split: str | None) -> Trajectory
 
 
 def sampling_config(config: TrainConfig) -> SamplingConfig:
-    """The PairSampler settings of a run."""
+    """The PairSampler settings of a run.
+
+    Frames are NOT resized by the sampler: the collator resizes them with the preprocessor the engine
+    uses (bicubic, robometer_ros.preprocess), so training sees exactly the pixels the robot will.
+    """
     ratios = dict(zip([s.value for s in Strategy], config.data.strategy_ratio))
     return SamplingConfig(
         num_frames=config.data.num_frames,
         strategy_ratios=ratios,
         success_cutoffs=dict(config.data.success_cutoffs),
         use_known_progress=config.data.use_known_progress,
-        frame_size=None if config.data.frame_size is None else tuple(config.data.frame_size),
     )
 
 
@@ -186,12 +189,14 @@ class StepBatchSampler(Sampler[list[int]]):
 
 # ---------------------------------------------------------------------------------------------- model
 def build_model(config: TrainConfig, train_collection: TrajectoryCollection) -> tuple[RobometerModel, Any]:
-    """The model to train and its tokenizer, from a checkpoint or a preset (identical on every rank)."""
-    from robometer_ros.model import checkpoint as checkpoint_io
-
+    """The model to train (float32) and its tokenizer, from a checkpoint or a preset (the same on every rank)."""
     if config.model.init_checkpoint:
-        loaded = checkpoint_io.load_checkpoint(config.model.init_checkpoint)
-        return loaded.model.float(), loaded.tokenizer
+        from robometer_ros.model.checkpoint import load_checkpoint
+
+        model, info = load_checkpoint(
+            config.model.init_checkpoint, tokenizer_dir=config.model.tokenizer_dir, dtype=torch.float32
+        )
+        return model, info.tokenizer
     preset = config.model.preset
     if preset in ("tiny", "mid"):
         from robometer_ros.model.tiny import SAMPLE_INSTRUCTIONS, config_for_tokenizer, tiny_tokenizer
@@ -201,11 +206,10 @@ def build_model(config: TrainConfig, train_collection: TrajectoryCollection) -> 
         model_config = config_for_tokenizer(tokenizer, preset, num_frames=config.data.num_frames)
         torch.manual_seed(config.seed)
         return RobometerModel(model_config), tokenizer
-    if config.model.base_model:
-        return checkpoint_io.load_base_model(config.model.base_model)
     raise ConfigError(
-        f"model.preset {preset} needs weights: set model.init_checkpoint (a Robometer checkpoint) "
-        "or model.base_model (a Qwen3-VL-4B directory)"
+        f"model.preset {preset} has no random-init recipe here: set model.init_checkpoint to a Robometer "
+        "checkpoint directory (e.g. the released Robometer-4B) and model.tokenizer_dir to the base "
+        "Qwen3-VL-4B-Instruct directory if the checkpoint ships no tokenizer.json"
     )
 
 
@@ -324,6 +328,30 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+TRAINING_INFO_FILE = "training.json"
+
+
+def write_training_info(directory: Path, config: TrainConfig, step: int) -> None:
+    """training.json next to a saved model: how it was trained (frame size and frames, which eval/score
+    reuse by default, the step and the whole config)."""
+    info = {
+        "step": step,
+        "frame_size": config.data.frame_size,
+        "num_frames": config.data.num_frames,
+        "success_cutoffs": dict(config.data.success_cutoffs),
+        "config": config.to_dict(),
+    }
+    (directory / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_training_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """training.json of a model saved by the trainer, or {} (e.g. the released checkpoint)."""
+    path = Path(directory) / TRAINING_INFO_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
 def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -506,9 +534,8 @@ class Trainer:
             plain.load_state_dict(state)
             temporary = directory.with_name(f".{directory.name}.tmp")
             shutil.rmtree(temporary, ignore_errors=True)
-            checkpoint_io.save_checkpoint(plain, temporary, tokenizer=self.tokenizer, extra={
-                "training": {"step": self.step, "frame_size": self.config.data.frame_size},
-            })
+            checkpoint_io.save_checkpoint(plain, self.tokenizer, temporary)
+            write_training_info(temporary, self.config, self.step)
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(temporary, directory)
         self.env.barrier()
@@ -552,11 +579,11 @@ class Trainer:
                                        num_frames=self.config.data.num_frames)
             out_dir = self.output_dir / "eval" / f"{CHECKPOINT_PREFIX}{self.step:07d}"
             options = EvalOptions(max_trajectories=self.config.eval.max_trajectories,
-                                  frame_size=self.config.data.frame_size,
                                   success_cutoffs=dict(self.config.data.success_cutoffs),
                                   seed=self.config.seed)
             metrics = evaluate_collection(
-                predictor, self.eval_collection, options, out_dir=out_dir if self.env.is_main else None
+                predictor, self.eval_collection, options, out_dir=out_dir if self.env.is_main else None,
+                settings={"step": self.step, "split": self.config.data.eval_split},
             )
             module.train(was_training)
         if self.env.distributed:

@@ -20,19 +20,19 @@ RECIPES = Path(__file__).resolve().parents[2] / "training"
 
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "finetune_lora_4b.yaml", "full_4b_fsdp.yaml"])
 def test_shipped_recipes_load_with_a_dataset(name: str) -> None:
-    config = load_config(RECIPES / name, ["data.dataset=/tmp/ds"])
+    config = load_config(RECIPES / name, ["data.dataset=/tmp/ds", "model.init_checkpoint=/ckpt/Robometer-4B"])
     assert config.data.dataset == "/tmp/ds"
     assert config.data.num_frames == 8
 
 
 def test_recipe_values_and_official_defaults() -> None:
-    lora = load_config(RECIPES / "finetune_lora_4b.yaml", ["data.dataset=d"])
+    lora = load_config(RECIPES / "finetune_lora_4b.yaml", ["data.dataset=d", "model.init_checkpoint=c"])
     assert lora.lora.enabled and lora.lora.r == 32 and lora.lora.alpha == 64
     assert lora.lora.target_modules == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
     ]
     assert lora.model.freeze_vision
-    full = load_config(RECIPES / "full_4b_fsdp.yaml", ["data.dataset=d"])
+    full = load_config(RECIPES / "full_4b_fsdp.yaml", ["data.dataset=d", "model.init_checkpoint=c"])
     assert full.distributed.strategy == "fsdp"
     assert full.optim.lr == pytest.approx(2e-5) and full.optim.warmup_ratio == pytest.approx(0.1)
     assert full.optim.max_grad_norm == 10.0 and full.optim.weight_decay == pytest.approx(0.01)
@@ -49,6 +49,8 @@ def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
             "lora.enabled=true",
             "lora.target_modules=[q_proj,v_proj]",
             "data.eval_split=null",
+            "data.frame_size=[96, 128]",
+            "data.success_cutoffs={metaworld: 1.0, oxe: 0.95}",
             "output_dir=" + str(tmp_path / "run"),
             "seed=3",
         ],
@@ -59,6 +61,8 @@ def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
     assert config.lora.enabled is True
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert config.data.eval_split is None
+    assert config.data.frame_size == [96, 128]
+    assert config.data.success_cutoffs == {"metaworld": 1.0, "oxe": 0.95}
     assert config.output_dir == str(tmp_path / "run")
     assert config.seed == 3
 
@@ -91,6 +95,9 @@ def test_defaults_without_a_file_and_round_trip(tmp_path: Path) -> None:
         (["optim=3"], "optim must be a mapping"),
         (["optim.lr.x=1"], "lr is a value, not a section"),
         (["noequals"], "is not of the form key=value"),
+        (["data.frame_size=[60, 64]"], "data.frame_size must be null or [height, width], multiples of 32"),
+        (["data.success_cutoffs={a: 1.5}"], "data.success_cutoffs values must be in (0, 1]"),
+        (["data.success_cutoffs=[1]"], "data.success_cutoffs must be a mapping"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
@@ -99,9 +106,11 @@ def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
     assert message in str(info.value)
 
 
-def test_dataset_is_required() -> None:
+def test_required_keys() -> None:
     with pytest.raises(ConfigError, match=r"data\.dataset is required"):
         load_config(RECIPES / "tiny_cpu.yaml")
+    with pytest.raises(ConfigError, match=r"model\.init_checkpoint is required with model\.preset qwen3vl_4b"):
+        load_config(RECIPES / "full_4b_fsdp.yaml", ["data.dataset=d"])
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -1,0 +1,608 @@
+"""`robometer-eval CHECKPOINT_OR_BUNDLE --dataset DIR [--split val] --out DIR`: the paper's metrics.
+
+    robometer-eval runs/tiny/best --dataset data/synth --split val --out runs/tiny/eval
+    robometer-eval runs/tiny/bundle --dataset data/synth --split val --out runs/tiny/eval_bundle
+
+The model is either a PyTorch checkpoint directory (released Robometer layout; run with torch, batched)
+or a bundle directory (run through `RewardEngine`, so the exported ONNX / TensorRT engine is what gets
+measured). Per trajectory of the split, the progress-only prompt scores `num_frames` frames subsampled
+with the first and last kept; targets are absolute_first_frame progress (reference 2.2). Metrics
+(`robometer_ros.training.metrics`, per data source and overall):
+
+* VOC: Pearson r of predicted vs target progress, averaged over successful trajectories;
+* trajectory ranking: Kendall tau-a of failure < suboptimal < successful within each task, on the last
+  frame's progress;
+* failure detection, failure = positive class, with the episode-level rule of `FailureRule`
+  (default: final success probability < 0.5 AND final progress < 0.5 -> predicted failure);
+* preference accuracy on pairs of the same task with different quality labels ("different_quality")
+  and on pairs of two tasks shown with one task's instruction ("different_task"); the side of the
+  better trajectory is randomised (seeded).
+
+Writes OUT/metrics.json (settings, metrics per source, per-episode predictions; NaN written as null),
+prints a table, and draws OUT/plots/*.png: predicted vs target progress (and success probability) for a
+few episodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from robometer_ros.training.data import TrajectoryCollection
+from robometer_ros.training.metrics import EpisodeResult, PreferenceResult, evaluate
+from robometer_ros.training.sampling import ProgressSample, ProgressSampler, SamplingConfig
+from robometer_ros.trajectory import FAILURE, QUALITY_LABELS, SUCCESSFUL
+
+BUNDLE_MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------------------------------------- predictors
+class Predictor(Protocol):
+    """Scores trajectories: what evaluation and scoring need from a model, whatever runs it."""
+
+    num_frames: int
+
+    def score(self, instructions: Sequence[str], frames: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per trajectory (uint8 [F, H, W, 3], already subsampled): (progress [F], success probability [F])."""
+        ...
+
+    def preference(
+        self, instructions: Sequence[str], frames_a: Sequence[np.ndarray], frames_b: Sequence[np.ndarray]
+    ) -> list[float]:
+        """P(A makes more progress than B) per pair."""
+        ...
+
+
+class TorchPredictor:
+    """A RobometerModel (optionally DDP/FSDP-wrapped `RobometerBatchModule`) run in batches with torch.
+
+    Args:
+        module: a RobometerBatchModule, a DDP/FSDP-wrapped one, or a bare RobometerModel.
+        collator: the BatchCollator (tokenizer, frame size) the model was trained with.
+        device: where inputs go.
+        amp_dtype: bf16 autocast dtype on CUDA, or None.
+        num_frames: frames per scored prompt.
+        batch_size: prompts per forward pass.
+    """
+
+    def __init__(self, module: Any, collator: Any, device: Any, amp_dtype: Any = None, num_frames: int = 8,
+                 batch_size: int = 8) -> None:
+        from robometer_ros.model.robometer import RobometerModel
+        from robometer_ros.training.collate import RobometerBatchModule
+
+        if isinstance(module, RobometerModel):
+            module = RobometerBatchModule(module)
+        self.module = module
+        self.collator = collator
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.num_frames = num_frames
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, tokenizer_dir: str | None = None, device: str | None = None,
+                        frame_size: Sequence[int] | None = None, batch_size: int = 8) -> TorchPredictor:
+        """Load a checkpoint directory; the frame size defaults to the one it was trained with."""
+        import torch
+
+        from robometer_ros.model.checkpoint import load_checkpoint
+        from robometer_ros.training.collate import BatchCollator
+        from robometer_ros.training.trainer import read_training_info
+
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, info = load_checkpoint(path, tokenizer_dir=tokenizer_dir, dtype=torch.float32, device=target)
+        model.eval()
+        if frame_size is None:
+            frame_size = read_training_info(path).get("frame_size")
+        collator = BatchCollator(info.tokenizer, model.config.spatial_merge_size, frame_size)
+        amp = torch.bfloat16 if target.type == "cuda" else None
+        return cls(model, collator, target, amp, num_frames=model.config.num_frames, batch_size=batch_size)
+
+    @property
+    def frame_size(self) -> tuple[int, int] | None:
+        return self.collator.frame_size
+
+    def _run(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from robometer_ros.training.collate import model_inputs
+
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            return self.module(**model_inputs(batch, self.device))
+
+    def score(self, instructions: Sequence[str], frames: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        import torch
+
+        from robometer_ros.model.heads import expected_progress
+
+        results = []
+        for start in range(0, len(frames), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            out = self._run(self.collator.progress_batch(instructions[chunk], frames[chunk]))
+            progress = expected_progress(out["progress_logits"]).cpu().numpy()
+            success = torch.sigmoid(out["success_logits"].float()).cpu().numpy()
+            results += [(progress[i], success[i]) for i in range(progress.shape[0])]
+        return results
+
+    def preference(
+        self, instructions: Sequence[str], frames_a: Sequence[np.ndarray], frames_b: Sequence[np.ndarray]
+    ) -> list[float]:
+        import torch
+
+        results: list[float] = []
+        for start in range(0, len(frames_a), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            out = self._run(self.collator.preference_batch(instructions[chunk], frames_a[chunk], frames_b[chunk]))
+            results += torch.sigmoid(out["preference_logits"].float()).cpu().tolist()
+        return results
+
+
+class EnginePredictor:
+    """A bundle run through RewardEngine (frames are added, scored and forgotten per trajectory)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.num_frames = int(engine.num_frames)
+        self._serial = 0
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, backend: str = "auto", device: str | None = None) -> EnginePredictor:
+        from robometer_ros.engine.reward_engine import RewardEngine
+
+        return cls(RewardEngine(path, backend=backend, device=device, verify_checksums=False))
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return tuple(self.engine.frame_size)  # type: ignore[return-value]
+
+    def _add(self, frames: np.ndarray) -> list[tuple[int, int]]:
+        self._serial += 1
+        ids = [(self._serial, i) for i in range(len(frames))]
+        for frame_id, frame in zip(ids, frames):
+            self.engine.add_frame(frame_id, np.ascontiguousarray(frame))
+        return ids
+
+    def score(self, instructions: Sequence[str], frames: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        results = []
+        for instruction, trajectory in zip(instructions, frames):
+            ids = self._add(trajectory)
+            try:
+                scores = self.engine.score(instruction, ids)
+            finally:
+                self.engine.forget(ids)
+            results.append((np.asarray(scores.progress), np.asarray(scores.success_probability)))
+        return results
+
+    def score_prefixes(
+        self, instruction: str, frames: np.ndarray, ends: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Dense reward as on the robot: every frame encoded once, then for each end t the prefix 0..t
+        subsampled to num_frames is scored and its last frame reported."""
+        from robometer_ros.episode import subsample_indices
+
+        ids = self._add(frames)
+        progress, success = [], []
+        try:
+            for end in ends:
+                chosen = [ids[i] for i in subsample_indices(int(end) + 1, self.num_frames)]
+                scores = self.engine.score(instruction, chosen)
+                progress.append(float(scores.progress[-1]))
+                success.append(float(scores.success_probability[-1]))
+        finally:
+            self.engine.forget(ids)
+        return np.asarray(progress, dtype=np.float32), np.asarray(success, dtype=np.float32)
+
+    def preference(
+        self, instructions: Sequence[str], frames_a: Sequence[np.ndarray], frames_b: Sequence[np.ndarray]
+    ) -> list[float]:
+        results = []
+        for instruction, a, b in zip(instructions, frames_a, frames_b):
+            ids_a, ids_b = self._add(a), self._add(b)
+            try:
+                results.append(float(self.engine.preference(instruction, ids_a, ids_b)))
+            finally:
+                self.engine.forget(ids_a + ids_b)
+        return results
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def is_bundle(path: str | Path) -> bool:
+    """A bundle directory has manifest.json; a checkpoint has config.json + safetensors."""
+    return (Path(path) / BUNDLE_MANIFEST).is_file()
+
+
+def open_predictor(path: str | Path, backend: str = "auto", device: str | None = None,
+                   tokenizer_dir: str | None = None, frame_size: Sequence[int] | None = None,
+                   batch_size: int = 8) -> Predictor:
+    """A bundle (through RewardEngine) or a checkpoint directory (torch), by what the directory holds."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} is not a directory (expected a checkpoint or a bundle)")
+    if is_bundle(p):
+        if frame_size is not None:
+            raise ValueError("--frame-size applies to checkpoints; a bundle has its own fixed frame size")
+        return EnginePredictor.from_bundle(p, backend=backend, device=device)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} holds neither manifest.json (bundle) nor config.json (checkpoint)")
+    return TorchPredictor.from_checkpoint(p, tokenizer_dir, device, frame_size, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class FailureRule:
+    """Episode-level failure prediction: failure if the LAST frame's success probability is below
+    `success_threshold` AND its progress is below `progress_threshold` (the paper does not publish its
+    rule; this one flags episodes that neither look done nor got far)."""
+
+    success_threshold: float = 0.5
+    progress_threshold: float = 0.5
+
+    def __call__(self, progress: np.ndarray, success_probability: np.ndarray) -> bool:
+        return bool(success_probability[-1] < self.success_threshold and progress[-1] < self.progress_threshold)
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate and how.
+
+    Attributes:
+        max_trajectories: cap on scored trajectories (0 = all), taken evenly over the split.
+        max_pairs: cap on preference pairs of each kind (0 = none).
+        success_cutoffs: per-source completion cutoffs for the progress targets.
+        failure_rule: the episode-level failure predictor.
+        num_plots: episodes drawn as PNG progress curves.
+        batch_size: trajectories per scoring call.
+        seed: pair selection and side randomisation.
+    """
+
+    max_trajectories: int = 0
+    max_pairs: int = 200
+    success_cutoffs: dict[str, float] = field(default_factory=dict)
+    failure_rule: FailureRule = field(default_factory=FailureRule)
+    num_plots: int = 6
+    batch_size: int = 8
+    seed: int = 0
+
+
+def _evenly(count: int, limit: int) -> list[int]:
+    if limit <= 0 or count <= limit:
+        return list(range(count))
+    return sorted({int(i) for i in np.linspace(0, count - 1, limit).round()})
+
+
+def score_trajectories(
+    predictor: Predictor, collection: TrajectoryCollection, options: EvalOptions
+) -> list[tuple[ProgressSample, np.ndarray, np.ndarray]]:
+    """(sample, predicted progress, success probability) for the chosen trajectories of a collection."""
+    sampler = ProgressSampler(
+        collection,
+        SamplingConfig(num_frames=predictor.num_frames, success_cutoffs=dict(options.success_cutoffs)),
+    )
+    positions = _evenly(len(collection), options.max_trajectories)
+    results = []
+    for start in range(0, len(positions), options.batch_size):
+        samples = [sampler[p] for p in positions[start : start + options.batch_size]]
+        scored = predictor.score([s.instruction for s in samples], [s.frames for s in samples])
+        results += [(s, prog, succ) for s, (prog, succ) in zip(samples, scored)]
+    return results
+
+
+def preference_pairs(
+    collection: TrajectoryCollection, max_pairs: int, seed: int
+) -> list[tuple[str, int, int, str, str]]:
+    """(kind, better position, worse position, instruction, data source) pairs.
+
+    different_quality: same task, better label vs worse label; different_task: a successful trajectory
+    of the task vs a successful trajectory of another task, both shown with the first one's instruction.
+    """
+    rank = {label: i for i, label in enumerate(QUALITY_LABELS)}
+    metas = collection.metas
+    rng = np.random.default_rng([seed, 1])
+    by_task = collection.indices_by_task_and_label()
+    quality: list[tuple[str, int, int, str, str]] = []
+    for task, by_label in by_task.items():
+        labels = sorted(by_label, key=rank.__getitem__)
+        for i, worse_label in enumerate(labels):
+            for better_label in labels[i + 1:]:
+                for better in by_label[better_label]:
+                    for worse in by_label[worse_label]:
+                        quality.append(("different_quality", better, worse, task, metas[better].data_source))
+    successful = {task: by_label.get(SUCCESSFUL, []) for task, by_label in by_task.items()}
+    tasks = [t for t, items in successful.items() if items]
+    different: list[tuple[str, int, int, str, str]] = []
+    for task in tasks:
+        for other in tasks:
+            if other != task:
+                for better in successful[task]:
+                    for worse in successful[other]:
+                        different.append(("different_task", better, worse, task, metas[better].data_source))
+    chosen = []
+    for pool in (quality, different):
+        if max_pairs > 0 and len(pool) > max_pairs:
+            pool = [pool[i] for i in sorted(rng.choice(len(pool), size=max_pairs, replace=False))]
+        elif max_pairs <= 0:
+            pool = []
+        chosen += pool
+    return chosen
+
+
+def evaluate_preferences(
+    predictor: Predictor, collection: TrajectoryCollection, options: EvalOptions
+) -> list[PreferenceResult]:
+    """Preference accuracy inputs: each pair scored once, the better trajectory on a random side."""
+    pairs = preference_pairs(collection, options.max_pairs, options.seed)
+    if not pairs:
+        return []
+    sampler = ProgressSampler(collection, SamplingConfig(num_frames=predictor.num_frames))
+    rng = np.random.default_rng([options.seed, 2])
+    sides = rng.integers(0, 2, size=len(pairs))
+    results: list[PreferenceResult] = []
+    for start in range(0, len(pairs), options.batch_size):
+        chunk = pairs[start : start + options.batch_size]
+        labels = sides[start : start + options.batch_size]
+        a_frames, b_frames, instructions = [], [], []
+        for (_, better, worse, task, _), label in zip(chunk, labels):
+            first, second = (better, worse) if label == 1 else (worse, better)
+            a_frames.append(sampler[first].frames)
+            b_frames.append(sampler[second].frames)
+            instructions.append(task)
+        probabilities = predictor.preference(instructions, a_frames, b_frames)
+        for (kind, _, _, _, source), label, probability in zip(chunk, labels, probabilities):
+            results.append(PreferenceResult(source, float(probability), int(label), kind))
+    return results
+
+
+def _finite(value: Any) -> Any:
+    """NaN / inf -> None, recursively (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        return _finite(value.item())
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
+    return value
+
+
+def evaluate_collection(
+    predictor: Predictor,
+    collection: TrajectoryCollection,
+    options: EvalOptions | None = None,
+    out_dir: str | Path | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Score a collection and compute every metric; with `out_dir`, write metrics.json and plots.
+
+    Returns metrics per data source and "overall" (metrics.evaluate's layout, NaN where undefined).
+    """
+    options = options or EvalOptions()
+    if len(collection) == 0:
+        raise ValueError("the evaluation split has no episodes")
+    scored = score_trajectories(predictor, collection, options)
+    episodes = [
+        EpisodeResult(
+            episode_id=s.episode_id,
+            instruction=s.instruction,
+            data_source=s.data_source,
+            quality_label=s.quality_label,
+            predicted_progress=np.asarray(progress, dtype=np.float64),
+            target_progress=np.asarray(s.progress, dtype=np.float64),
+            predicted_failure=options.failure_rule(progress, success),
+        )
+        for s, progress, success in scored
+    ]
+    pairs = evaluate_preferences(predictor, collection, options)
+    metrics = evaluate(episodes, pairs, failure_labels=(FAILURE,))
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "settings": _finite({
+                **(settings or {}),
+                "num_frames": predictor.num_frames,
+                "trajectories": len(episodes),
+                "pairs": len(pairs),
+                "failure_rule": asdict(options.failure_rule),
+                "max_trajectories": options.max_trajectories,
+                "max_pairs": options.max_pairs,
+                "seed": options.seed,
+            }),
+            "metrics": _finite(metrics),
+            "episodes": [
+                _finite({
+                    "episode_id": s.episode_id,
+                    "instruction": s.instruction,
+                    "data_source": s.data_source,
+                    "quality_label": s.quality_label,
+                    "frame_indices": s.frame_indices,
+                    "target_progress": s.progress,
+                    "predicted_progress": progress,
+                    "success_probability": success,
+                    "predicted_failure": options.failure_rule(progress, success),
+                })
+                for s, progress, success in scored
+            ],
+        }
+        (out / "metrics.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+        plot_progress_curves(scored, out / "plots", options.num_plots)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- output
+TABLE_COLUMNS = (
+    ("episodes", "episodes", "{:d}"),
+    ("voc", "VOC", "{:.3f}"),
+    ("kendall_tau", "tau_a", "{:.3f}"),
+    ("ranking_accuracy", "rank_acc", "{:.3f}"),
+    ("succ_fail_diff", "succ-fail", "{:.3f}"),
+    ("failure_f1", "fail_F1", "{:.3f}"),
+    ("failure_precision", "fail_P", "{:.3f}"),
+    ("failure_recall", "fail_R", "{:.3f}"),
+    ("preference_accuracy_different_quality", "pref_qual", "{:.3f}"),
+    ("preference_accuracy_different_task", "pref_task", "{:.3f}"),
+    ("preference_accuracy", "pref_all", "{:.3f}"),
+)
+
+
+def format_table(metrics: dict[str, dict[str, Any]]) -> str:
+    """A fixed-width table: one row per data source (overall first), one column per headline metric."""
+    names = ["overall", *sorted(k for k in metrics if k != "overall")]
+    width = max(12, *(len(n) for n in names))
+    header = "source".ljust(width) + "".join(f"{title:>11}" for _, title, _ in TABLE_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for name in names:
+        row = metrics.get(name, {})
+        cells = []
+        for key, _, fmt in TABLE_COLUMNS:
+            value = row.get(key)
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                cells.append(f"{'-':>11}")
+            else:
+                cells.append(f"{fmt.format(value):>11}")
+        lines.append(name.ljust(width) + "".join(cells))
+    return "\n".join(lines)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:80] or "episode"
+
+
+def plot_progress_curves(
+    scored: Sequence[tuple[ProgressSample, np.ndarray, np.ndarray]], out_dir: str | Path, count: int
+) -> list[Path]:
+    """PNG per episode: predicted vs target progress and success probability over the scored frames.
+
+    Picks up to `count` episodes spread over the quality labels (successful first) so that good and bad
+    episodes are both shown.
+    """
+    if count <= 0 or not scored:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_label: dict[str, list[int]] = {}
+    for i, (sample, _, _) in enumerate(scored):
+        by_label.setdefault(sample.quality_label, []).append(i)
+    order = [SUCCESSFUL, *(label for label in QUALITY_LABELS[::-1] if label != SUCCESSFUL)]
+    picked: list[int] = []
+    while len(picked) < min(count, len(scored)):
+        for label in order:
+            pool = by_label.get(label, [])
+            if pool and len(picked) < count:
+                picked.append(pool.pop(0))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in picked:
+        sample, progress, success = scored[i]
+        figure, axis = plt.subplots(figsize=(5.0, 3.2), dpi=100)
+        x = np.asarray(sample.frame_indices)
+        axis.plot(x, sample.progress, "o-", color="0.4", label="target progress")
+        axis.plot(x, progress, "o-", color="tab:blue", label="predicted progress")
+        axis.plot(x, success, "s--", color="tab:green", label="P(success)")
+        axis.set_ylim(-0.05, 1.05)
+        axis.set_xlabel("stored frame index")
+        axis.set_title(f"{sample.episode_id} ({sample.quality_label})\n{sample.instruction[:60]}", fontsize=8)
+        axis.legend(fontsize=7, loc="upper left")
+        figure.tight_layout()
+        path = out / f"{_safe_name(sample.episode_id)}.png"
+        figure.savefig(path)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)[x,](\d+)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"frame size must look like 256x320 (HxW), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by robometer-eval and robometer-score for opening a checkpoint or a bundle."""
+    parser.add_argument("model", help="checkpoint directory (config.json + safetensors) or bundle directory")
+    parser.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+                        help="bundle backend (RewardEngine); ignored for checkpoints (always torch)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--tokenizer-dir", help="tokenizer.json directory for a checkpoint that ships none")
+    parser.add_argument("--frame-size", type=_frame_size, metavar="HxW",
+                        help="checkpoints only: resize frames to this (default: the size it was trained at)")
+    parser.add_argument("--batch-size", type=int, default=8, help="trajectories per forward pass (torch)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of robometer-eval."""
+    parser = argparse.ArgumentParser(prog="robometer-eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--dataset", required=True, help="dataset directory (robometer-dataset)")
+    parser.add_argument("--split", default="val", help="split to evaluate (DIR/<split>/ or metadata 'split'; "
+                        "'all' = every episode); default val")
+    parser.add_argument("--out", required=True, help="output directory (metrics.json, plots/)")
+    parser.add_argument("--max-trajectories", type=int, default=0, help="cap on trajectories (0 = all)")
+    parser.add_argument("--max-pairs", type=int, default=200, help="preference pairs of each kind (0 = none)")
+    parser.add_argument("--success-threshold", type=float, default=0.5,
+                        help="failure rule: last-frame P(success) below this ...")
+    parser.add_argument("--progress-threshold", type=float, default=0.5,
+                        help="... and last-frame progress below this => predicted failure")
+    parser.add_argument("--success-cutoff", action="append", default=[], metavar="SOURCE=C",
+                        help="completion cutoff of a data source for the targets (repeatable)")
+    parser.add_argument("--plots", type=int, default=6, help="episodes to plot")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from robometer_ros.training.data import DatasetError
+    from robometer_ros.training.trainer import open_split
+
+    try:
+        cutoffs = {}
+        for item in args.success_cutoff:
+            source, _, value = item.partition("=")
+            if not source or not value:
+                raise ValueError(f"--success-cutoff {item!r} must look like SOURCE=0.95")
+            cutoffs[source] = float(value)
+        collection = open_split(args.dataset, args.split)
+        predictor = open_predictor(args.model, args.backend, args.device, args.tokenizer_dir, args.frame_size,
+                                   args.batch_size)
+    except (DatasetError, FileNotFoundError, ValueError) as error:
+        print(f"robometer-eval: {error}", file=sys.stderr)
+        return 2
+    options = EvalOptions(
+        max_trajectories=args.max_trajectories,
+        max_pairs=args.max_pairs,
+        success_cutoffs=cutoffs,
+        failure_rule=FailureRule(args.success_threshold, args.progress_threshold),
+        num_plots=args.plots,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    settings = {"model": str(args.model), "dataset": str(args.dataset), "split": args.split,
+                "runner": getattr(getattr(predictor, "engine", None), "backend_name", "torch")}
+    metrics = evaluate_collection(predictor, collection, options, args.out, settings)
+    print(format_table(metrics))
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""`robometer-score MODEL (--dataset DIR | --bags PATH ...) --out FILE.parquet|.csv`: rank and filter episodes.
+
+    robometer-score runs/tiny/bundle --dataset data/play --out scores.parquet
+    robometer-score runs/tiny/best --bags bags/ --image-topic /camera/image_raw \
+        --instruction "open the drawer" --out scores.csv
+
+Scores every episode with a checkpoint (torch) or a bundle (RewardEngine) and writes two tables:
+
+* FILE (one row per episode): episode_id, instruction, data_source, quality_label, embodiment, n_frames,
+  final_progress / final_success_probability (the model on the whole episode, `num_frames` frames
+  subsampled with first and last kept), max_progress / mean_progress / max_success_probability over the
+  per-frame curve, predicted_failure (evaluate.FailureRule), rank_in_task (1 = highest final progress
+  among episodes with the same instruction), task_size, rank_overall, percentile_overall (1 = best).
+* FILE with `_frames` before the suffix (one row per scored frame): episode_id, frame_index, stamp,
+  progress, success_probability: the dense reward the robot would have seen, i.e. at frame t the model
+  scores the prefix 0..t subsampled to `num_frames` frames and reports its last frame (`--stride K`
+  scores every K-th prefix, always including the last frame).
+
+Filter demonstrations with e.g. `final_progress > 0.8 and not predicted_failure`, or keep the top-k per task
+by rank_in_task (as the paper does to filter play data and rank demonstrations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robometer_ros.episode import subsample_indices
+from robometer_ros.training.evaluate import FailureRule, Predictor, add_model_arguments, open_predictor
+from robometer_ros.trajectory import Trajectory
+
+EPISODE_COLUMNS = (
+    "episode_id", "instruction", "data_source", "quality_label", "embodiment", "n_frames",
+    "final_progress", "final_success_probability", "max_progress", "mean_progress",
+    "max_success_probability", "predicted_failure", "rank_in_task", "task_size", "rank_overall",
+    "percentile_overall",
+)
+FRAME_COLUMNS = ("episode_id", "frame_index", "stamp", "progress", "success_probability")
+
+
+@dataclass
+class EpisodeScores:
+    """Scores of one episode (see the module docstring for the fields)."""
+
+    episode_id: str
+    instruction: str
+    data_source: str
+    quality_label: str
+    embodiment: str | None
+    n_frames: int
+    final_progress: float
+    final_success_probability: float
+    frame_indices: np.ndarray
+    frame_stamps: np.ndarray
+    frame_progress: np.ndarray
+    frame_success_probability: np.ndarray
+    predicted_failure: bool = False
+    rank_in_task: int = 0
+    task_size: int = 0
+    rank_overall: int = 0
+    percentile_overall: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prefix_ends(n_frames: int, stride: int) -> list[int]:
+    """Last frame index of each scored prefix: every `stride`-th frame and always the final one."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    ends = list(range(stride - 1, n_frames, stride))
+    if not ends or ends[-1] != n_frames - 1:
+        ends.append(n_frames - 1)
+    return ends
+
+
+def online_scores(
+    predictor: Predictor, instruction: str, frames: np.ndarray, ends: Sequence[int], batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense reward: for each end t, the last-frame progress / success of prefix 0..t subsampled.
+
+    Uses `predictor.score_prefixes` when it has one (RewardEngine: each frame encoded once), otherwise
+    one `score` call per batch of prefixes.
+    """
+    if hasattr(predictor, "score_prefixes"):
+        return predictor.score_prefixes(instruction, frames, ends)
+    count = predictor.num_frames
+    progress, success = [], []
+    for start in range(0, len(ends), batch_size):
+        chunk = ends[start : start + batch_size]
+        prefixes = [frames[subsample_indices(t + 1, count)] for t in chunk]
+        for prog, succ in predictor.score([instruction] * len(prefixes), prefixes):
+            progress.append(float(prog[-1]))
+            success.append(float(succ[-1]))
+    return np.asarray(progress, dtype=np.float32), np.asarray(success, dtype=np.float32)
+
+
+def score_episode(
+    predictor: Predictor, trajectory: Trajectory, stride: int = 1, failure_rule: FailureRule | None = None,
+    batch_size: int = 8,
+) -> EpisodeScores:
+    """Episode-level and per-frame scores of one trajectory."""
+    rule = failure_rule or FailureRule()
+    ends = prefix_ends(len(trajectory), stride)
+    progress, success = online_scores(predictor, trajectory.instruction, trajectory.frames, ends, batch_size)
+    # The last prefix is the whole episode: its last-frame values are the episode's final scores.
+    final_progress, final_success = float(progress[-1]), float(success[-1])
+    return EpisodeScores(
+        episode_id=trajectory.episode_id,
+        instruction=trajectory.instruction,
+        data_source=trajectory.data_source,
+        quality_label=trajectory.quality_label,
+        embodiment=trajectory.embodiment,
+        n_frames=len(trajectory),
+        final_progress=final_progress,
+        final_success_probability=final_success,
+        frame_indices=np.asarray(ends, dtype=np.int64),
+        frame_stamps=np.asarray(trajectory.frame_stamps)[ends],
+        frame_progress=progress,
+        frame_success_probability=success,
+        predicted_failure=rule(np.asarray([final_progress]), np.asarray([final_success])),
+    )
+
+
+def assign_ranks(episodes: Sequence[EpisodeScores]) -> None:
+    """rank_in_task / task_size (per instruction), rank_overall and percentile_overall, by final progress
+    (ties broken by final success probability, then by episode order)."""
+    def order(items: list[int]) -> list[int]:
+        return sorted(items, key=lambda i: (-episodes[i].final_progress, -episodes[i].final_success_probability, i))
+
+    by_task: dict[str, list[int]] = {}
+    for i, episode in enumerate(episodes):
+        by_task.setdefault(episode.instruction, []).append(i)
+    for members in by_task.values():
+        for rank, i in enumerate(order(members), start=1):
+            episodes[i].rank_in_task = rank
+            episodes[i].task_size = len(members)
+    total = len(episodes)
+    for rank, i in enumerate(order(list(range(total))), start=1):
+        episodes[i].rank_overall = rank
+        episodes[i].percentile_overall = 1.0 if total == 1 else 1.0 - (rank - 1) / (total - 1)
+
+
+def score_trajectories(
+    predictor: Predictor, trajectories: Iterable[Trajectory], stride: int = 1,
+    failure_rule: FailureRule | None = None, batch_size: int = 8, progress_bar: bool = False,
+) -> list[EpisodeScores]:
+    """Score every trajectory (streamed: one episode's frames in memory at a time) and rank them."""
+    iterator = trajectories
+    if progress_bar:
+        from tqdm import tqdm
+
+        iterator = tqdm(trajectories, desc="score", unit="episode")
+    episodes = [score_episode(predictor, t, stride, failure_rule, batch_size) for t in iterator]
+    assign_ranks(episodes)
+    return episodes
+
+
+def companion_path(path: str | Path) -> Path:
+    """FILE.parquet -> FILE_frames.parquet (where the per-frame table goes)."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}_frames{p.suffix}")
+
+
+def write_tables(episodes: Sequence[EpisodeScores], out: str | Path) -> tuple[Path, Path]:
+    """Write the episode table to `out` and the frame table next to it (.parquet or .csv, by suffix)."""
+    import pyarrow as pa
+
+    out = Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"--out must end in .parquet or .csv, got {out.name!r}")
+    episode_table = pa.table({
+        "episode_id": [e.episode_id for e in episodes],
+        "instruction": [e.instruction for e in episodes],
+        "data_source": [e.data_source for e in episodes],
+        "quality_label": [e.quality_label for e in episodes],
+        "embodiment": pa.array([e.embodiment for e in episodes], type=pa.string()),
+        "n_frames": pa.array([e.n_frames for e in episodes], type=pa.int64()),
+        "final_progress": pa.array([e.final_progress for e in episodes], type=pa.float32()),
+        "final_success_probability": pa.array([e.final_success_probability for e in episodes], type=pa.float32()),
+        "max_progress": pa.array([float(np.max(e.frame_progress)) for e in episodes], type=pa.float32()),
+        "mean_progress": pa.array([float(np.mean(e.frame_progress)) for e in episodes], type=pa.float32()),
+        "max_success_probability": pa.array(
+            [float(np.max(e.frame_success_probability)) for e in episodes], type=pa.float32()),
+        "predicted_failure": pa.array([e.predicted_failure for e in episodes], type=pa.bool_()),
+        "rank_in_task": pa.array([e.rank_in_task for e in episodes], type=pa.int64()),
+        "task_size": pa.array([e.task_size for e in episodes], type=pa.int64()),
+        "rank_overall": pa.array([e.rank_overall for e in episodes], type=pa.int64()),
+        "percentile_overall": pa.array([e.percentile_overall for e in episodes], type=pa.float32()),
+    })
+    frame_table = pa.table({
+        "episode_id": [e.episode_id for e in episodes for _ in e.frame_indices],
+        "frame_index": pa.array(np.concatenate([e.frame_indices for e in episodes]) if episodes else [],
+                                type=pa.int64()),
+        "stamp": pa.array(np.concatenate([e.frame_stamps for e in episodes]) if episodes else [],
+                          type=pa.float64()),
+        "progress": pa.array(np.concatenate([e.frame_progress for e in episodes]) if episodes else [],
+                             type=pa.float32()),
+        "success_probability": pa.array(
+            np.concatenate([e.frame_success_probability for e in episodes]) if episodes else [],
+            type=pa.float32()),
+    })
+    frames_out = companion_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for table, path in ((episode_table, out), (frame_table, frames_out)):
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, path)
+        else:
+            import pyarrow.csv as pcsv
+
+            pcsv.write_csv(table, path)
+    return out, frames_out
+
+
+def _bag_trajectories(args: argparse.Namespace) -> Iterable[Trajectory]:
+    from robometer_ros.training.bags import BagImportOptions, ImportReport, read_bags
+
+    options = BagImportOptions(
+        image_topic=args.image_topic,
+        instruction=args.instruction,
+        instruction_topic=args.instruction_topic,
+        unknown_label="successful",
+        min_frames=1,
+        max_frames=args.max_frames,
+        data_source=args.data_source,
+    )
+    report = ImportReport()
+    yield from read_bags(args.bags, options, report)
+    print(report.format(), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of robometer-score."""
+    parser = argparse.ArgumentParser(prog="robometer-score", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="dataset directory (robometer-dataset)")
+    source.add_argument("--bags", nargs="+", help="rosbag2 bags or folders of them")
+    parser.add_argument("--split", default="all", help="dataset split to score (default: all episodes)")
+    parser.add_argument("--image-topic", help="bags: camera topic (default: the bag's only image topic)")
+    parser.add_argument("--instruction", help="bags: fixed instruction (default: the bag's instruction topic)")
+    parser.add_argument("--instruction-topic", help="bags: std_msgs/String instruction topic")
+    parser.add_argument("--max-frames", type=int, help="bags: thin each episode to at most this many frames")
+    parser.add_argument("--data-source", default="rosbag", help="bags: data source name of the episodes")
+    parser.add_argument("--out", required=True, help="episode table, .parquet or .csv (frames go to *_frames.*)")
+    parser.add_argument("--stride", type=int, default=1, help="score every K-th frame prefix (default 1)")
+    parser.add_argument("--success-threshold", type=float, default=0.5, help="failure rule, see robometer-eval")
+    parser.add_argument("--progress-threshold", type=float, default=0.5, help="failure rule, see robometer-eval")
+    args = parser.parse_args(argv)
+
+    from robometer_ros.training.data import DatasetError
+    from robometer_ros.training.trainer import open_split
+
+    try:
+        if Path(args.out).suffix not in (".parquet", ".csv"):
+            raise ValueError(f"--out must end in .parquet or .csv, got {args.out!r}")
+        if args.stride < 1:
+            raise ValueError(f"--stride must be >= 1, got {args.stride}")
+        if args.dataset:
+            trajectories: Iterable[Trajectory] = iter(open_split(args.dataset, args.split))
+        else:
+            trajectories = _bag_trajectories(args)
+        predictor = open_predictor(args.model, args.backend, args.device, args.tokenizer_dir, args.frame_size,
+                                   args.batch_size)
+    except (DatasetError, FileNotFoundError, ValueError) as error:
+        print(f"robometer-score: {error}", file=sys.stderr)
+        return 2
+    episodes = score_trajectories(predictor, trajectories, args.stride,
+                                  FailureRule(args.success_threshold, args.progress_threshold),
+                                  args.batch_size, progress_bar=True)
+    if not episodes:
+        print("robometer-score: no episodes to score", file=sys.stderr)
+        return 1
+    episode_path, frame_path = write_tables(episodes, args.out)
+    print(f"scored {len(episodes)} episodes: {episode_path} (episodes), {frame_path} (frames)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
