@@ -56,6 +56,7 @@ class OnnxRuntimeRuntime(Runtime):
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         trt_fp16: bool = True,
+        allow_spinning: bool = False,
         **_: Any,
     ) -> None:
         try:
@@ -85,6 +86,9 @@ class OnnxRuntimeRuntime(Runtime):
             else:
                 self._provider_options.append({})
         self._intra_op_threads = intra_op_threads
+        # Two sessions (vision, language) alternate on the same cores; ORT's default busy-waiting thread
+        # pool would keep spinning after one session's run and steal the cores from the other.
+        self._allow_spinning = allow_spinning
         self._sessions: dict[str, Any] = {}
         self.providers_in_use: dict[str, list[str]] = {}
         self._session(PART_VISION)
@@ -100,6 +104,8 @@ class OnnxRuntimeRuntime(Runtime):
         if self._intra_op_threads is not None:
             options.intra_op_num_threads = int(self._intra_op_threads)
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not self._allow_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = self.bundle.part_path(part)
         session = self._ort.InferenceSession(
             str(path), options, providers=self.requested_providers, provider_options=self._provider_options
