@@ -171,6 +171,19 @@ def _run_from_hf(args: argparse.Namespace) -> int:
     return finish_import(args, report)
 
 
+def _configure_from_metaworld(parser: argparse.ArgumentParser) -> None:
+    from robometer_ros.training import metaworld
+
+    add_output_arguments(parser)
+    metaworld.add_arguments(parser)
+
+
+def _run_from_metaworld(args: argparse.Namespace) -> int:
+    from robometer_ros.training import metaworld
+
+    return metaworld.run(args)
+
+
 def _configure_info(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="dataset directory")
 
@@ -204,6 +217,8 @@ def subcommands() -> list[Subcommand]:
                    _run_from_bags),
         Subcommand("from-hf", "import RBM-1M / Hugging Face rows (parquet / jsonl + media) as a dataset",
                    _configure_from_hf, _run_from_hf),
+        Subcommand("from-metaworld", "generate simulated Meta-World episodes (expert / suboptimal / failure)",
+                   _configure_from_metaworld, _run_from_metaworld),
         Subcommand("split", "tag episodes train / val (stable hashes; per task or whole tasks)", _configure_split,
                    _run_split),
         Subcommand("info", "print a dataset's counts (episodes, frames, sources, labels, tasks)", _configure_info,

@@ -41,6 +41,7 @@ import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -531,37 +532,134 @@ def generate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``from-metaworld`` subcommand's arguments."""
+    """The ``from-metaworld`` subcommand's own arguments (the output options come from dataset_cli)."""
     parser.add_argument("--tasks", nargs="+", required=True, help="Meta-World v3 task names, e.g. door-open-v3")
-    parser.add_argument("--episodes-per-task", type=int, default=20, help="slots per task (3 episodes each)")
+    parser.add_argument("--episodes-per-task", type=int, default=20,
+                        help="scene slots per task, at most 50 (each gives 3 episodes: expert, suboptimal- "
+                             "and failure-kind)")
     parser.add_argument("--seed", type=int, default=0, help="MT1 benchmark seed and behaviour seed root")
-    parser.add_argument("--out", required=True, help="dataset directory to create")
     parser.add_argument("--frames", type=int, default=32, help="frames per episode")
     parser.add_argument("--size", type=int, default=128, help="frame height and width in pixels")
     parser.add_argument("--camera", default="corner4", help="Meta-World camera name")
     parser.add_argument("--slow-factor", type=float, default=1.2,
                         help="a success slower than this times the expert's is labelled suboptimal")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
-    parser.add_argument("--frame-codec", default="png", choices=("png", "jpeg", "npz"))
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (each builds its own envs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate the episodes and write them to ``args.out``; prints a label count per kind."""
-    from robometer_ros.training.data import DatasetWriter
+    """Generate the episodes into the dataset at ``args.out`` (dataset_cli's output options) and print
+    how many episodes of each kind got each label."""
+    import json
+
+    from robometer_ros.training.data import DEFAULT_SHARD_SIZE, DatasetWriter
 
     settings = RenderSettings(
         frames=args.frames, size=args.size, camera=args.camera, slow_factor=args.slow_factor
     )
-    counts: dict[tuple[str, str], int] = {}
-    with DatasetWriter(args.out, frame_codec=args.frame_codec) as writer:
+    counts: dict[str, dict[str, int]] = {}
+    writer = DatasetWriter(
+        args.out,
+        frame_codec=getattr(args, "codec", "png"),
+        shard_size=getattr(args, "shard_size", DEFAULT_SHARD_SIZE),
+        append=getattr(args, "append", False),
+    )
+    with writer:
         for trajectory in generate(
             args.tasks, args.episodes_per_task, args.seed, settings, args.workers, not args.no_progress
         ):
             writer.add(trajectory)
-            key = (trajectory.metadata["kind"], trajectory.quality_label)
-            counts[key] = counts.get(key, 0) + 1
-    print(f"wrote {sum(counts.values())} episodes to {args.out}")
-    for (kind, label), count in sorted(counts.items()):
-        print(f"  {kind:<10s} -> {label:<10s} {count}")
+            by_label = counts.setdefault(trajectory.metadata["kind"], {})
+            by_label[trajectory.quality_label] = by_label.get(trajectory.quality_label, 0) + 1
+    print(f"wrote {sum(sum(c.values()) for c in counts.values())} episodes to {args.out} (kind -> label)")
+    for kind in KINDS:
+        print(f"  {kind:<10s} " + ", ".join(f"{label} {n}" for label, n in sorted(counts.get(kind, {}).items())))
+    if getattr(args, "report_json", None) is not None:
+        report = {"out": str(args.out), "tasks": list(args.tasks), "seed": args.seed, "kind_label_counts": counts}
+        Path(args.report_json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- default model
+#: The small default model (bundles/default): sized so that a scoring step runs well under 100 ms on one
+#: CPU core with ONNX Runtime at 96x96 frames (9 visual tokens per frame), and trains on 2 CPU cores.
+DEFAULT_MODEL_SIZE: dict[str, Any] = {
+    "text": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 6,
+             "num_key_value_heads": 2, "head_dim": 32, "mrope_section": [6, 5, 5]},
+    "vision": {"depth": 3, "hidden_size": 128, "intermediate_size": 384, "num_heads": 4,
+               "num_position_embeddings": 64, "deepstack_visual_indexes": [1]},
+}
+DEFAULT_TOKENIZER_VOCAB = 600
+
+
+def default_model_tokenizer() -> Any:
+    """A small byte-level BPE trained on the Robometer prompts filled with all 50 task instructions.
+
+    All 50 (not only the trained tasks) so held-out tasks' instructions tokenize into learned words too.
+    """
+    from robometer_ros.model.tiny import tiny_tokenizer
+
+    return tiny_tokenizer(sorted(INSTRUCTIONS.values()), vocab_size=DEFAULT_TOKENIZER_VOCAB)
+
+
+def default_model_config(tokenizer: Any, num_frames: int = 8) -> Any:
+    """The RobometerConfig of the default model, its vocabulary and vision token ids from ``tokenizer``."""
+    from robometer_ros.model.config import RobometerConfig
+    from robometer_ros.model.tiny import config_for_tokenizer
+
+    base = config_for_tokenizer(tokenizer, "tiny", num_frames=num_frames).to_dict()
+    text, vision = base["backbone"]["text_config"], base["backbone"]["vision_config"]
+    sizes = DEFAULT_MODEL_SIZE
+    for key, value in sizes["text"].items():
+        if key == "mrope_section":
+            text["rope_parameters"]["mrope_section"] = list(value)
+        else:
+            text[key] = value
+    vision.update({key: value for key, value in sizes["vision"].items()})
+    vision["out_hidden_size"] = text["hidden_size"]
+    if 2 * sum(text["rope_parameters"]["mrope_section"]) != text["head_dim"]:
+        raise ValueError("mrope_section must sum to head_dim / 2")
+    base["base_model_id"] = "robometer_ros/metaworld-default"
+    return RobometerConfig.from_dict(base)
+
+
+def write_default_model_init(out_dir: str | os.PathLike[str], seed: int = 0) -> None:
+    """Write the randomly initialised default model + its tokenizer as a checkpoint the trainer starts from
+    (``model.init_checkpoint``)."""
+    import torch
+
+    from robometer_ros.model.checkpoint import save_checkpoint
+    from robometer_ros.model.robometer import RobometerModel
+
+    tokenizer = default_model_tokenizer()
+    config = default_model_config(tokenizer)
+    torch.manual_seed(seed)
+    model = RobometerModel(config)
+    save_checkpoint(model, tokenizer, out_dir)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"wrote the untrained default model ({parameters / 1e6:.2f} M parameters, "
+          f"vocabulary {config.vocab_size}) to {out_dir}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m robometer_ros.training.metaworld {generate,init-model} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m robometer_ros.training.metaworld", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    from robometer_ros.training.dataset_cli import add_output_arguments
+
+    generate_parser = commands.add_parser("generate", help="as robometer-dataset from-metaworld")
+    add_output_arguments(generate_parser)
+    add_arguments(generate_parser)
+    init = commands.add_parser("init-model", help="write the untrained default model + tokenizer")
+    init.add_argument("out", help="checkpoint directory to write")
+    init.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        return run(args)
+    write_default_model_init(args.out, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

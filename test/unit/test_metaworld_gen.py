@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 
 pytest.importorskip("metaworld")
 pytest.importorskip("mujoco")
 
+from robometer_ros.training import dataset_cli
 from robometer_ros.training import metaworld as mw
 from robometer_ros.training.data import Dataset
 from robometer_ros.trajectory import FAILURE, SUBOPTIMAL, SUCCESSFUL
@@ -31,13 +30,11 @@ def _assert_upright(frames: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
-    """Two tasks x 2 slots written through the CLI entry point into a dataset store."""
+    """Two tasks x 2 slots written through `robometer-dataset from-metaworld` into a dataset store."""
     out = tmp_path_factory.mktemp("mw") / "ds"
-    args = argparse.Namespace(
-        tasks=TASKS, episodes_per_task=2, seed=0, out=str(out), frames=SETTINGS.frames, size=SETTINGS.size,
-        camera="corner4", slow_factor=SETTINGS.slow_factor, workers=1, frame_codec="npz", no_progress=True,
-    )
-    assert mw.run(args) == 0
+    argv = ["from-metaworld", "--tasks", *TASKS, "--episodes-per-task", "2", "--seed", "0", "--out", str(out),
+            "--frames", str(SETTINGS.frames), "--size", str(SETTINGS.size), "--codec", "png", "--no-progress"]
+    assert dataset_cli.main(argv) == 0
     return Dataset(out)
 
 
