@@ -314,6 +314,8 @@ class RewardNode(LifecycleNode):
         self._trigger_calls: collections.Counter[str] = collections.Counter()
         self._recorder_error = ""
         self._bad_images_seen = 0
+        self._stamp_drops_seen = 0
+        self._admitted_seen = 0
         self._bad_image_logged: dict[str, float] = {}
 
         self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -1067,7 +1069,7 @@ class RewardNode(LifecycleNode):
     # ------------------------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
         status = DiagnosticStatus()
-        status.name = f"robometer_ros: {self.get_name()}"
+        status.name = f"robometer_ros: {self.get_fully_qualified_name()}"
         status.hardware_id = self._engine_info.get("model_id", "")
         level, message, values = self._diagnostic_summary()
         status.level, status.message = level, message
@@ -1155,11 +1157,26 @@ class RewardNode(LifecycleNode):
                                  "parameter")
         if self._last_bad_image and self._bad_images_recent():
             problems_warn.append(f"bad images: {self._last_bad_image}")
+        if self._stamps_stuck(values):
+            problems_warn.append(
+                "frames not admitted: camera stamps repeat or go back (header.stamp); check the camera driver, "
+                "or call reset_episode after a clock jump (bag loop, simulator reset)"
+            )
         if problems_error:
             return DiagnosticStatus.ERROR, "; ".join(problems_error + problems_warn), values
         if problems_warn:
             return DiagnosticStatus.WARN, "; ".join(problems_warn), values
         return DiagnosticStatus.OK, f"scoring at {values['scoring_rate_hz']} Hz", values
+
+    def _stamps_stuck(self, values: dict[str, Any]) -> bool:
+        """True when frames arrived since the previous diagnostics but none was admitted, for stamp reasons."""
+        stamp_drops = int(values.get("frames_dropped.duplicate_stamp", 0)) + int(
+            values.get("frames_dropped.out_of_order", 0)
+        )
+        admitted = int(values["frames_admitted"])
+        stuck = stamp_drops > self._stamp_drops_seen and admitted == self._admitted_seen
+        self._stamp_drops_seen, self._admitted_seen = stamp_drops, admitted
+        return stuck
 
     def _bad_images_recent(self) -> bool:
         """True when a bad image arrived since the previous diagnostics message."""

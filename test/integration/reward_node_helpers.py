@@ -43,6 +43,19 @@ def node_args(bundle: Path | str, **params: object) -> list[str]:
     return args
 
 
+def publish_instruction(probe, text: str, topic: str = "/task", node: str = NODE):
+    """Publish a latched instruction and wait until the node started its episode (so no frame is early)."""
+    from std_msgs.msg import String
+
+    from robometer_ros.msg import EpisodeStatus
+
+    statuses = probe.subscribe(f"{node}/episode", EpisodeStatus, LATCHED)
+    pub = probe.publisher(topic, String, LATCHED_ONE)
+    pub.publish(String(data=text))
+    statuses.wait_for(1, timeout=20, predicate=lambda s: s.instruction == text)
+    return pub
+
+
 def colour_frame(progress: float, success: float = 0.0, blue: int = 0, h: int = 48, w: int = 64) -> np.ndarray:
     """A flat RGB frame the scripted engine scores as (progress, success)."""
     frame = np.empty((h, w, 3), dtype=np.uint8)

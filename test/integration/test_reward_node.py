@@ -24,6 +24,7 @@ from reward_node_helpers import (
     colour_frame,
     compressed_image,
     node_args,
+    publish_instruction,
     raw_image,
     stamp_ns,
 )
@@ -43,13 +44,6 @@ def start_scored_node(start_node, probe, bundle, **params):
     node = start_node(SCRIPTED_NODE_MODULE, node_args(bundle, **params))
     node.wait_for_output("active:", timeout=30)
     return node, rewards
-
-
-def publish_instruction(probe, text: str):
-    """Publish a latched instruction on /task (the node's instruction_qos is latched by default)."""
-    pub = probe.publisher("/task", String, LATCHED_ONE)
-    pub.publish(String(data=text))
-    return pub
 
 
 def check_rewards_against_frames(rewards: list[StepReward], sent: list[SentFrame], num_frames: int = 8) -> None:

@@ -10,7 +10,6 @@ import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from reward_node_helpers import (
     LATCHED,
-    LATCHED_ONE,
     NODE,
     RELIABLE,
     SCRIPTED_NODE_MODULE,
@@ -18,11 +17,11 @@ from reward_node_helpers import (
     SentFrame,
     colour_frame,
     node_args,
+    publish_instruction,
     raw_image,
     stamp_ns,
 )
 from sensor_msgs.msg import Image
-from std_msgs.msg import String
 
 from robometer_ros.msg import EpisodeStatus, StepReward
 from robometer_ros.reward_node import PARAMETERS
@@ -80,7 +79,7 @@ def test_node_starts_from_the_params_file_and_walks_the_lifecycle(start_node, pr
     # No frames: diagnostics warn with the QoS hint.
     warn = diagnostics.wait_for(1, timeout=20, predicate=lambda a: a.status[0].level == DiagnosticStatus.WARN)[-1]
     assert "no frames: check image_topic and camera_qos" in warn.status[0].message
-    assert warn.status[0].name == "robometer_ros: reward_node"
+    assert warn.status[0].name == "robometer_ros: /reward_node"
 
     # Deactivate pauses (frames are not taken), cleanup releases the engine; configure + activate resumes.
     change(Transition.TRANSITION_DEACTIVATE)
@@ -116,8 +115,7 @@ def test_recording_writes_a_bag_per_episode_that_reads_back(start_node, probe, t
     node = start_node(SCRIPTED_NODE_MODULE, node_args(tmp_path, record=True, record_dir=str(bags)))
     node.wait_for_output("recording episodes to")
     node.wait_for_output("active:")
-    task = probe.publisher("/task", String, LATCHED_ONE)
-    task.publish(String(data="stack the cups"))
+    publish_instruction(probe, "stack the cups")
     camera = Camera(probe.publisher("/camera/image", Image, RELIABLE))
     msgs = []
     for i in range(6):
