@@ -235,6 +235,80 @@ def _export_part(module: Any, args: tuple, path: Path, input_names: Sequence[str
     onnx.checker.check_model(str(path))
 
 
+_ALIGN = 4096
+
+
+def _external_entries(init: Any) -> dict[str, str]:
+    return {entry.key: entry.value for entry in init.external_data}
+
+
+def _tensor_bytes(init: Any, base: Path, files: dict[str, Any]) -> bytes:
+    """The stored bytes of an initializer (inline or external, read without loading the whole file)."""
+    import onnx
+
+    if init.data_location != onnx.TensorProto.EXTERNAL:
+        return init.raw_data
+    entries = _external_entries(init)
+    handle = files.get(entries["location"])
+    if handle is None:
+        handle = files[entries["location"]] = open(base / entries["location"], "rb")  # noqa: SIM115
+    handle.seek(int(entries.get("offset", 0)))
+    return handle.read(int(entries["length"]))
+
+
+def share_language_weights(onnx_dir: Path) -> int:
+    """Point language_preference.onnx's weights at language.onnx.data where they are byte-identical.
+
+    The two language parts hold the same decoder weights (only the preference head differs), so without
+    this a 4B bundle would store the language model twice (+8 GB in fp16). Only the tensors that are not
+    in language.onnx.data stay in language_preference.onnx.data. Both parts must use external data.
+    Returns the bytes saved.
+    """
+    import hashlib
+
+    import onnx
+
+    primary = onnx.load(str(onnx_dir / "language.onnx"), load_external_data=False)
+    secondary_path = onnx_dir / "language_preference.onnx"
+    secondary = onnx.load(str(secondary_path), load_external_data=False)
+    files: dict[str, Any] = {}
+    try:
+        shared: dict[tuple, dict[str, str]] = {}
+        for init in primary.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                digest = hashlib.sha256(_tensor_bytes(init, onnx_dir, files)).hexdigest()
+                shared[(digest, init.data_type, tuple(init.dims))] = _external_entries(init)
+        own_name = secondary_path.name + ".data"
+        tmp = onnx_dir / (own_name + ".tmp")
+        saved = 0
+        with open(tmp, "wb") as out:
+            for init in secondary.graph.initializer:
+                if init.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                data = _tensor_bytes(init, onnx_dir, files)
+                key = (hashlib.sha256(data).hexdigest(), init.data_type, tuple(init.dims))
+                if key in shared:
+                    entries = shared[key]
+                    saved += len(data)
+                else:
+                    offset = -(-out.tell() // _ALIGN) * _ALIGN
+                    out.write(b"\0" * (offset - out.tell()))
+                    out.write(data)
+                    entries = {"location": own_name, "offset": str(offset), "length": str(len(data))}
+                del init.external_data[:]
+                for k, v in entries.items():
+                    entry = init.external_data.add()
+                    entry.key, entry.value = k, v
+    finally:
+        for handle in files.values():
+            handle.close()
+    tmp.replace(onnx_dir / own_name)
+    if (onnx_dir / own_name).stat().st_size == 0:
+        (onnx_dir / own_name).unlink()
+    onnx.save_model(secondary, str(secondary_path))
+    return saved
+
+
 @dataclass
 class ParityReport:
     """Max |diff| per output of one parity case, and whether it is within tolerance."""
@@ -520,6 +594,9 @@ def export_bundle(
         _export_part(LanguagePreferencePart(model).eval(), targs, onnx_dir / "language_preference.onnx", names,
                      (*LANGUAGE_OUTPUTS, "preference_logit"), LANGUAGE_DYNAMIC_AXES, external_data)
         log(f"exported language_preference part ({time.perf_counter() - t0:.1f} s)")
+        if (onnx_dir / "language.onnx.data").is_file() and (onnx_dir / "language_preference.onnx.data").is_file():
+            saved = share_language_weights(onnx_dir)
+            log(f"language_preference shares {saved / 1e6:.1f} MB of weights with language.onnx.data")
 
         if check_parity:
             reports = parity_check(model, onnx_dir, builder, frame, num_frames, precision, log=log)

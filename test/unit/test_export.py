@@ -77,10 +77,25 @@ def test_failed_parity_fails_the_export_and_leaves_no_bundle(tmp_path: Path, mon
 def test_external_data_export(tmp_path: Path) -> None:
     tiny = build_tiny_bundle(tmp_path / "b", include_checkpoint=False, external_data=True)
     m = tiny.bundle.manifest
-    for part in PART_NAMES:
-        spec = m.parts[part]
-        assert spec.external_data == (f"{part}.onnx.data",)
-        assert f"onnx/{part}.onnx.data" in m.files
+    assert m.parts["vision"].external_data == ("vision.onnx.data",)
+    assert m.parts["language"].external_data == ("language.onnx.data",)
+    # the preference part reuses the language part's weight file; only its own head is stored again
+    assert m.parts["language_preference"].external_data == ("language.onnx.data", "language_preference.onnx.data")
+    sizes = {rel: entry["size"] for rel, entry in m.files.items()}
+    assert sizes["onnx/language_preference.onnx.data"] < sizes["onnx/language.onnx.data"] / 10
+    # and still computes the same thing (the exporter's parity check ran on the shared files; run it again)
+    reports = export.parity_check(tiny.model, tmp_path / "b" / "onnx", PromptBuilder(tiny.tokenizer), m.frame, 8,
+                                  "fp32", log=lambda *_: None)
+    assert all(r.ok for r in reports)
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except ImportError:
+        pass
+    else:  # TensorRT's parser follows external data into both files
+        from robometer_ros.engine.tensorrt_build import build_engines
+
+        results = build_engines(tiny.bundle, parts=["language_preference"], flavor="tensorrt_rtx", log=lambda *_: None)
+        assert results[0].status == "built", results[0].message
     (tmp_path / "b" / "onnx" / "language.onnx.data").unlink()
     with pytest.raises(BundleError, match=r"missing file onnx/language\.onnx\.data"):
         Bundle.open(tmp_path / "b")
