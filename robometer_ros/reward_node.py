@@ -397,9 +397,10 @@ class RewardNode(LifecycleNode):
             self._check_configuration()
             self._load_engine()
             self._open_recorder()
-        except ConfigurationError as err:
-            self._configure_error = str(err)
-            self.get_logger().error(f"configure failed: {err}")
+        except Exception as err:  # whatever it is, the node stays up, unconfigured, and says why
+            reason = str(err) if isinstance(err, ConfigurationError) else f"{type(err).__name__}: {err}"
+            self._configure_error = reason
+            self.get_logger().error(f"configure failed: {reason}")
             self._release_engine()
             self._publish_diagnostics()
             return TransitionCallbackReturn.FAILURE

@@ -314,3 +314,62 @@ def test_missing_bundle_fails_configure_clearly_and_a_fixed_bundle_recovers(star
     ok = diagnostics.wait_for(1, timeout=10, predicate=lambda a: a.status[0].level == DiagnosticStatus.OK)[-1]
     assert ok.status[0].hardware_id == "scripted-test-double@1"
     assert node.stop() == 0
+
+
+def _set_parameter(probe, name: str, value) -> tuple[bool, str]:
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    if isinstance(value, str):
+        pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
+    elif isinstance(value, float):
+        pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
+    else:
+        pv = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
+    answer = probe.call(SetParameters, f"{NODE}/set_parameters",
+                        SetParameters.Request(parameters=[Parameter(name=name, value=pv)]))
+    return answer.results[0].successful, answer.results[0].reason
+
+
+def test_reward_modes_and_live_parameter_validation(start_node, probe, tmp_path):
+    node, rewards = start_scored_node(start_node, probe, tmp_path, camera_qos="reliable",
+                                      reward_mode="progress_delta")
+    publish_instruction(probe, TASK)
+    camera = Camera(probe.publisher("/camera/image", Image, RELIABLE), rate_hz=15)
+
+    def send(values: list[tuple[float, float]]) -> list[StepReward]:
+        msgs = []
+        for progress, success in values:
+            t = camera.take_stamp()
+            frame = raw_image(colour_frame(progress, success), "rgb8", t)
+            msgs.append((frame, SentFrame(t, progress, success, "rgb8")))
+        camera.publish(msgs)
+        last = camera.sent[-1].t_ns
+        rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) == last)
+        return [r for r in rewards.messages if stamp_ns(r.header.stamp) >= msgs[0][1].t_ns]
+
+    delta = send([(0.2, 0.1), (0.3, 0.1), (0.5, 0.1), (0.4, 0.1)])
+    assert all(r.reward_mode == StepReward.REWARD_MODE_PROGRESS_DELTA for r in delta)
+    assert rewards.messages[0].reward == 0.0  # step 0 of the episode has no previous step
+    for previous, current in zip(rewards.messages, rewards.messages[1:]):
+        assert current.reward == pytest.approx(current.progress - previous.progress, abs=1e-6)
+
+    assert _set_parameter(probe, "reward_mode", "success") == (True, "")
+    success = send([(0.6, 0.3), (0.7, 0.35)])
+    assert success[-1].reward_mode == StepReward.REWARD_MODE_SUCCESS
+    assert success[-1].reward == pytest.approx(success[-1].success_probability, abs=1e-6)
+    assert success[-1].reward == pytest.approx(0.35, abs=1 / 255)
+
+    ok, reason = _set_parameter(probe, "reward_mode", "dense")
+    assert not ok and "reward_mode must be one of progress, progress_delta, success, got 'dense'" in reason
+    ok, reason = _set_parameter(probe, "monitor.success_threshold", 0.0)
+    assert not ok and "success_threshold" in reason
+    ok, reason = _set_parameter(probe, "monitor.success_threshold", 1.5)  # outside the declared range
+    assert not ok
+    ok, reason = _set_parameter(probe, "image_topic", "/other")
+    assert not ok and "applied at configure" in reason
+    # A live threshold change applies to the running episode: success 0.35 now counts after 2 steps.
+    assert _set_parameter(probe, "monitor.success_threshold", 0.3) == (True, "")
+    node.wait_for_output("monitor thresholds now")
+    send([(0.8, 0.36), (0.85, 0.37), (0.9, 0.38)])
+    node.wait_for_output("succeeded: success probability >= 0.30")

@@ -163,3 +163,23 @@ def test_bad_configuration_fails_configure_with_the_reason(start_node, probe, tm
     else:
         assert "scores 8 frames per step but parameter num_frames is 4" in text
     assert node.running()
+
+
+def test_unwritable_record_dir_is_a_diagnostics_error_not_a_crash(start_node, probe, tmp_path) -> None:
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the bag directory should be")
+    diagnostics = probe.subscribe("/diagnostics", DiagnosticArray, 50)
+    rewards = probe.subscribe(f"{NODE}/step_reward", StepReward, RELIABLE)
+    node = start_node(SCRIPTED_NODE_MODULE, node_args(tmp_path, record=True, record_dir=str(blocker / "bags")))
+    node.wait_for_output("active:")
+    publish_instruction(probe, "stack the cups")
+    camera = Camera(probe.publisher("/camera/image", Image, RELIABLE))
+    msgs = []
+    for _ in range(3):
+        t = camera.take_stamp()
+        msgs.append((raw_image(colour_frame(0.5), "rgb8", t), SentFrame(t, 0.5, 0.0, "rgb8")))
+    camera.publish(msgs)
+    rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) == camera.sent[-1].t_ns)
+    error = diagnostics.wait_for(1, timeout=10, predicate=lambda a: a.status[0].level == DiagnosticStatus.ERROR)[-1]
+    assert "recording failed" in error.status[0].message and "not_a_directory" in error.status[0].message
+    assert node.running()
