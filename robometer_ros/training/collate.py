@@ -218,8 +218,11 @@ class RobometerBatchModule(nn.Module):
         width = hidden.shape[-1]
         frame_hidden = hidden.gather(1, prog_positions.unsqueeze(-1).expand(-1, -1, width))
         progress_logits, success_logits = self.robometer.apply_heads(frame_hidden)
-        out = {"progress_logits": progress_logits.float(), "success_logits": success_logits.float()}
+        # The heads' squeeze gives views; FSDP2 warns about returning views (an in-place op on one would
+        # skip its backward hook), so the outputs are returned as fresh tensors.
+        out = {"progress_logits": progress_logits.float(), "success_logits": success_logits.float().clone()}
         if pref_positions is not None:
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            out["preference_logits"] = self.robometer.apply_preference_head(hidden[rows, pref_positions]).float()
+            preference = self.robometer.apply_preference_head(hidden[rows, pref_positions])
+            out["preference_logits"] = preference.float().clone()
         return out

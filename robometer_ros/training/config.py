@@ -166,11 +166,13 @@ class EvalConfig:
         every: evaluate every N steps (0 = never during training; the end of training still evaluates when
             data.eval_split is set).
         max_trajectories: cap on evaluated trajectories (0 = all) to keep the hook cheap.
+        max_pairs: preference pairs of each kind (different quality, different task) per evaluation.
         best_metric: key of metrics.json's "overall" section used to keep the best model (higher is better).
     """
 
     every: int = 250
     max_trajectories: int = 200
+    max_pairs: int = 100
     best_metric: str = "kendall_tau"
 
 
@@ -249,6 +251,7 @@ class TrainConfig:
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.eval.every >= 0, "eval.every", "must be >= 0")
         _check(self.eval.max_trajectories >= 0, "eval.max_trajectories", "must be >= 0")
+        _check(self.eval.max_pairs >= 0, "eval.max_pairs", "must be >= 0")
         _check(self.log.every >= 1, "log.every", "must be >= 1")
         _check(bool(self.output_dir), "output_dir", "must not be empty")
 

@@ -579,6 +579,7 @@ class Trainer:
                                        num_frames=self.config.data.num_frames)
             out_dir = self.output_dir / "eval" / f"{CHECKPOINT_PREFIX}{self.step:07d}"
             options = EvalOptions(max_trajectories=self.config.eval.max_trajectories,
+                                  max_pairs=self.config.eval.max_pairs,
                                   success_cutoffs=dict(self.config.data.success_cutoffs),
                                   seed=self.config.seed)
             metrics = evaluate_collection(
@@ -713,6 +714,7 @@ class Trainer:
                 tick = time.perf_counter()
             if config.eval.every and self.step % config.eval.every == 0 and self.step < config.optim.max_steps:
                 self._after_eval(self.evaluate())
+                tick = time.perf_counter()  # throughput counts training only
             if config.checkpoint.every and self.step % config.checkpoint.every == 0:
                 self.save_state()
             if stop_at_step is not None and self.step >= stop_at_step:

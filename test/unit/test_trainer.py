@@ -1,0 +1,204 @@
+"""Trainer pieces on a tiny model: schedule, pair-stream sharding, splits, batched forward, LoRA, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robometer_ros.model.tiny import tiny_model
+from robometer_ros.training.collate import BatchCollator, RobometerBatchModule
+from robometer_ros.training.config import TrainConfig, load_config
+from robometer_ros.training.data import DatasetError, write_dataset
+from robometer_ros.training.sampling import PairSampler, SamplingConfig
+from robometer_ros.training.trainer import (
+    StepBatchSampler,
+    Trainer,
+    lora_merged_state_dict,
+    lr_factor,
+    main,
+    open_split,
+    prepare_trainable,
+)
+from support.synthetic_squares import make_trajectories, write_square_dataset
+
+RECIPES = Path(__file__).resolve().parents[2] / "training"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_square_dataset(tmp_path_factory.mktemp("squares"), episodes_per_task=4, eval_episodes_per_task=2)
+
+
+def tiny_recipe(data: Path, out: Path, *overrides: str) -> TrainConfig:
+    return load_config(RECIPES / "tiny_cpu.yaml", [
+        f"data.dataset={data}", f"output_dir={out}", "log.every=1", "log.progress_bar=false",
+        "log.tensorboard=false", "data.eval_split=null", "checkpoint.every=0", *overrides,
+    ])
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine() -> None:
+    config = load_config(None, ["data.dataset=d", "optim.max_steps=100", "optim.warmup_ratio=0.1",
+                                "optim.min_lr_ratio=0.1"])
+    factors = [lr_factor(step, config) for step in range(100)]
+    assert factors[0] == pytest.approx(1 / 11)  # the first step already moves
+    assert all(a < b for a, b in pairwise(factors[:11]))  # rising over the 10 warm-up steps
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in pairwise(factors[10:]))  # then never rising
+    assert factors[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(100, config) == pytest.approx(0.1)
+
+
+def test_step_batch_sampler_shards_the_pair_stream_without_overlap() -> None:
+    steps, accum, batch, world = 3, 2, 3, 2
+    per_rank = [list(StepBatchSampler(0, steps, batch, accum, rank, world)) for rank in range(world)]
+    assert all(len(batches) == steps * accum for batches in per_rank)
+    flat = [i for batches in per_rank for b in batches for i in b]
+    assert sorted(flat) == list(range(steps * accum * batch * world))  # every pair once
+    # resuming at step 1 continues the same stream
+    assert list(StepBatchSampler(1, steps, batch, accum, 1, world)) == per_rank[1][accum:]
+
+
+def test_open_split_by_directory_and_by_metadata(tmp_path: Path, squares: Path) -> None:
+    assert len(open_split(squares, "val")) == 3 * 2
+    flat = tmp_path / "flat"
+    write_dataset(flat, make_trajectories(2, seed=1, split="train") + make_trajectories(1, seed=2, split="val"),
+                  frame_codec="npz")
+    assert len(open_split(flat, "train")) == 6
+    assert len(open_split(flat, "val")) == 3
+    assert len(open_split(flat, "all")) == 9
+    with pytest.raises(DatasetError, match=r"no split 'test'.*splits found in metadata: \['train', 'val'\]"):
+        open_split(flat, "test")
+    with pytest.raises(DatasetError, match="not a dataset directory"):
+        open_split(tmp_path / "missing", "train")
+
+
+def test_batched_forward_equals_the_reference_forward_per_prompt() -> None:
+    """Right padding and per-row gathers give each prompt exactly what the model gives it alone."""
+    model, tokenizer = tiny_model(seed=1)
+    collator = BatchCollator(tokenizer, 2, (64, 64))
+    trajectories = make_trajectories(1)
+    frames = [t.frames[:8] for t in trajectories]
+    instructions = [trajectories[0].instruction, "x", trajectories[2].instruction + " very slowly and carefully"]
+    module = RobometerBatchModule(model).eval()
+    with torch.no_grad():
+        batch = collator.preference_batch(instructions, frames, frames[::-1])
+        assert batch["prog_positions"].shape == (3, 16)
+        assert int(batch["attention_mask"][1].sum()) < batch["input_ids"].shape[1]  # row 1 is padded
+        out = module(**batch)
+        for row in range(3):
+            single = collator.preference_batch([instructions[row]], [frames[row]], [frames[::-1][row]])
+            reference = model(single["input_ids"], single["pixel_values"], single["image_grid_thw"],
+                              single["mm_token_type_ids"], single["prog_positions"][0], single["pref_positions"])
+            torch.testing.assert_close(out["progress_logits"][row], reference["progress_logits"], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out["success_logits"][row], reference["success_logits"], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out["preference_logits"][row], reference["preference_logit"][0],
+                                       atol=1e-5, rtol=0)
+
+
+def test_training_batch_carries_side_a_targets(squares: Path) -> None:
+    _, tokenizer = tiny_model()
+    collator = BatchCollator(tokenizer, 2, (64, 64))
+    sampler = PairSampler(open_split(squares, "train"), SamplingConfig(num_frames=8), seed=3)
+    samples = [sampler[i] for i in range(4)]
+    batch = collator(samples)
+    assert batch["pixel_values"].shape == (4 * 16 * 16, 1536)  # 4 pairs x 16 frames x 4x4 patches
+    assert batch["pref_positions"].shape == (4,)
+    assert (batch["input_ids"].gather(1, batch["pref_positions"][:, None]) == collator.builder.pref_token_id).all()
+    np.testing.assert_array_equal(batch["progress_a"].numpy(), np.stack([s.progress_a for s in samples]))
+    np.testing.assert_array_equal(batch["preference_label"].numpy(), [s.preference_label for s in samples])
+
+
+def test_freeze_vision_and_lora_choose_the_trainable_parameters() -> None:
+    config = load_config(None, ["data.dataset=d", "model.freeze_vision=true"])
+    model, _ = tiny_model()
+    prepare_trainable(model, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("model.visual.") for n in trainable)
+    assert any(n.startswith("model.language_model.") for n in trainable) and "success_head.0.weight" in trainable
+
+    config = load_config(None, ["data.dataset=d", "lora.enabled=true", "lora.r=4", "lora.alpha=8"])
+    model, _ = tiny_model()
+    prepare_trainable(model, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or n.split(".")[0].endswith("_head") for n in trainable)
+    adapted = {n.split(".lora_")[0] for n in trainable if "lora_" in n}
+    assert adapted and all(".language_model.layers." in n for n in adapted)
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_lora_merge_gives_a_plain_model_with_the_same_outputs() -> None:
+    config = load_config(None, ["data.dataset=d", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
+                                "lora.dropout=0.0"])
+    model, tokenizer = tiny_model(seed=2)
+    prepare_trainable(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # LoRA starts as a no-op (B = 0): make it matter
+                param.normal_(0.0, 0.2)
+    plain, _ = tiny_model(seed=5)
+    plain.load_state_dict(lora_merged_state_dict(model.state_dict(), config))
+    collator = BatchCollator(tokenizer, 2, (64, 64))
+    trajectory = make_trajectories(1)[0]
+    batch = collator.progress_batch([trajectory.instruction], [trajectory.frames[:8]])
+    with torch.no_grad():
+        adapted = RobometerBatchModule(model.eval())(**batch)
+        merged = RobometerBatchModule(plain.eval())(**batch)
+        base, _ = tiny_model(seed=2)
+        original = RobometerBatchModule(base.eval())(**batch)
+    torch.testing.assert_close(merged["progress_logits"], adapted["progress_logits"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(original["progress_logits"], adapted["progress_logits"], atol=1e-4)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+            if "train/loss" in r}
+
+
+def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path: Path, squares: Path) -> None:
+    steps = ["optim.max_steps=6", "optim.batch_size=2"]
+    Trainer(tiny_recipe(squares, tmp_path / "straight", *steps)).train()
+    Trainer(tiny_recipe(squares, tmp_path / "resumed", *steps)).train(stop_at_step=3)
+    assert sorted(_losses(tmp_path / "resumed")) == [1, 2, 3]
+    assert not (tmp_path / "resumed" / "final").exists()
+    Trainer(tiny_recipe(squares, tmp_path / "resumed", *steps)).train()  # checkpoint.resume=auto
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert resumed == straight  # bitwise: model, optimizer, schedule, RNGs and pair stream all restored
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((tmp_path / "resumed" / "final" / "training.json").read_text())
+    assert info["step"] == 6 and info["frame_size"] == [64, 64]
+    # keep_last: only the newest resumable states stay on disk
+    kept = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert kept == ["step-0000003", "step-0000006"]
+
+
+def test_resume_refuses_a_different_world_size(tmp_path: Path, squares: Path) -> None:
+    Trainer(tiny_recipe(squares, tmp_path / "run", "optim.max_steps=4")).train(stop_at_step=1)
+    state_file = tmp_path / "run" / "checkpoints" / "step-0000001" / "training_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["world_size"] = 2
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match="written by 2 ranks"):
+        Trainer(tiny_recipe(squares, tmp_path / "run", "optim.max_steps=4")).train()
+
+
+def test_cli_reports_bad_configs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main([str(RECIPES / "tiny_cpu.yaml"), f"data.dataset={tmp_path}", "optim.lr=-1"]) == 2
+    assert "optim.lr must be > 0" in capsys.readouterr().err
+    assert main([str(RECIPES / "tiny_cpu.yaml"), f"data.dataset={tmp_path}", "optim.lrr=1"]) == 2
+    assert "did you mean optim.lr" in capsys.readouterr().err
