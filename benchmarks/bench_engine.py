@@ -77,9 +77,14 @@ def p90(values: list[float]) -> float:
 
 
 def rss_mb() -> float:
-    import psutil
+    """Current resident set size of this process in MB (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        import resource
 
-    return psutil.Process().memory_info().rss / 1e6
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
 
 
 def build_model(name: str, device: str, dtype_name: str):

@@ -4,7 +4,7 @@ Two products speak the same Python API here: NVIDIA TensorRT (``import tensorrt`
 desktop GPUs; needs a GPU to build) and TensorRT-RTX (``import tensorrt_rtx``; RTX GPUs; builds
 ahead-of-time on a CPU-only machine, which is how CI proves the ONNX parts parse and build).
 
-Does not import torch at import time; ``gpu_identity`` only falls back to torch when nvidia-smi is absent.
+Never imports torch (``gpu_identity`` asks the CUDA driver directly).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -56,8 +57,48 @@ class GpuIdentity:
         return int(major) * 10 + int(minor)
 
 
+def _gpu_from_driver(device_index: int) -> GpuIdentity | None:
+    """Ask the CUDA driver (libcuda, via ctypes): works on desktops, servers and Jetson, needs no torch."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda")):
+        if not name:
+            continue
+        try:
+            cuda = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    device = ctypes.c_int()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    buf = ctypes.create_string_buffer(256)
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
+    if (
+        cuda.cuInit(0) != 0
+        or cuda.cuDeviceGet(ctypes.byref(device), device_index) != 0
+        or cuda.cuDeviceGetName(buf, 256, device) != 0
+        or cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0
+        or cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0
+    ):
+        return None
+    return GpuIdentity(buf.value.decode(errors="replace"), f"{major.value}.{minor.value}")
+
+
 def gpu_identity(device_index: int = 0) -> GpuIdentity | None:
-    """Name and compute capability of CUDA device ``device_index``, or None without a usable GPU."""
+    """Name and compute capability of CUDA device ``device_index``, or None without a usable GPU.
+
+    Asks the CUDA driver first, then nvidia-smi, then torch only if it is already imported (a robot
+    running the onnxruntime or tensorrt backend need not have torch, and importing it costs seconds).
+    """
+    try:
+        found = _gpu_from_driver(device_index)
+    except (OSError, AttributeError):
+        found = None
+    if found is not None:
+        return found
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
@@ -70,14 +111,10 @@ def gpu_identity(device_index: int = 0) -> GpuIdentity | None:
                 return GpuIdentity(name, cap)
         except (subprocess.SubprocessError, OSError, ValueError, IndexError):
             pass
-    try:
-        import torch
-
-        if torch.cuda.is_available() and device_index < torch.cuda.device_count():
-            major, minor = torch.cuda.get_device_capability(device_index)
-            return GpuIdentity(torch.cuda.get_device_name(device_index), f"{major}.{minor}")
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and device_index < torch.cuda.device_count():
+        major, minor = torch.cuda.get_device_capability(device_index)
+        return GpuIdentity(torch.cuda.get_device_name(device_index), f"{major}.{minor}")
     return None
 
 

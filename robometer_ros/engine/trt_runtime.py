@@ -50,10 +50,12 @@ def find_usable_engines(
     fastest precision that has plans for both parts wins (fp8 > int8 > fp16 > bf16 > fp32).
     """
     trt, flavor = import_tensorrt()
+    version = trt.__version__
+    if not any(r.key.runtime == flavor and r.key.runtime_version == version for r in bundle.engines()):
+        return None  # nothing to match: no need to query the GPU
     gpu = gpu_identity(device_index)
     if gpu is None:
-        raise RuntimeUnavailableError("no CUDA GPU visible (nvidia-smi / torch.cuda found none)")
-    version = trt.__version__
+        raise RuntimeUnavailableError("no CUDA GPU visible (the CUDA driver and nvidia-smi found none)")
     candidates: dict[str, dict[str, EngineRecord]] = {}
     for record in bundle.engines():
         key = record.key

@@ -242,3 +242,21 @@ def test_one_producer_and_one_scorer_thread(tiny_bundle, frames) -> None:
     # the last concurrent result equals a quiet recomputation
     ids = [10 + k for k in subsample_indices(20, 8)]
     np.testing.assert_allclose(results[total], engine.score(TINY_INSTRUCTION, ids).progress, atol=1e-6)
+
+
+def test_onnxruntime_path_never_imports_torch(tiny_bundle) -> None:
+    """A robot may have no torch: the onnxruntime path (and the TensorRT modules) must not import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "import robometer_ros.engine.trt_runtime, robometer_ros.engine.tensorrt_build\n"
+        "from robometer_ros.engine.reward_engine import RewardEngine\n"
+        f"engine = RewardEngine({str(tiny_bundle.path)!r}, backend='auto', intra_op_threads=1)\n"
+        "engine.add_frame(0, np.zeros((30, 40, 3), np.uint8))\n"
+        "engine.score('open the drawer', [0])\n"
+        "print(engine.backend_name, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["onnxruntime:CPUExecutionProvider", "False", "False"], out.stderr
