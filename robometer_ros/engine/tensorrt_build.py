@@ -169,9 +169,16 @@ def build_part(
             config.set_flag(trt.BuilderFlag.INT8)
         if key.precision == "fp8" and hasattr(trt.BuilderFlag, "FP8"):
             config.set_flag(trt.BuilderFlag.FP8)
-    for cc in compute_capabilities:  # TensorRT-RTX AOT targets, e.g. SM89
-        config.set_compute_capability(getattr(trt.ComputeCapability, cc.upper()), config.num_compute_capabilities)
-        config.num_compute_capabilities = config.num_compute_capabilities + 1
+    if compute_capabilities:  # TensorRT-RTX ahead-of-time targets, e.g. SM89
+        if not hasattr(config, "set_compute_capability"):
+            raise EngineBuildError(f"{key.runtime} has no compute-capability targets (TensorRT-RTX only)")
+        config.num_compute_capabilities = len(compute_capabilities)
+        for index, cc in enumerate(compute_capabilities):
+            target = getattr(trt.ComputeCapability, cc.upper(), None)
+            if target is None:
+                known = [n for n in trt.ComputeCapability.__members__ if n.startswith("SM")]
+                raise EngineBuildError(f"unknown compute capability {cc!r}; {key.runtime} knows {known}")
+            config.set_compute_capability(target, index)
 
     ranges = axis_ranges(bundle, part)
     profile = builder.create_optimization_profile()
@@ -247,6 +254,9 @@ def build_engines(
                                       "(TensorRT-RTX can build ahead of time without one)")
     resolved = resolve_precision(precision, trt, flavor, bundle, gpu)
     key = engine_key(flavor, trt.__version__, gpu, resolved)
+    if gpu is None and compute_capabilities:  # AOT plans are only valid on the targets they were built for
+        key = EngineKey(key.runtime, key.runtime_version, key.gpu_name,
+                        "aot-" + "-".join(sorted(c.upper() for c in compute_capabilities)), key.precision)
     log(f"building with {flavor} {trt.__version__} for {key.gpu_name} ({key.compute_capability}), {resolved}")
     # Timing caches record measured tactics: only meaningful (and only creatable) with the GPU present.
     timing_cache = None

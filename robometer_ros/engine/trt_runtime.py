@@ -62,8 +62,12 @@ def find_usable_engines(
         if key.runtime != flavor or key.runtime_version != version:
             continue
         same_gpu = key.gpu_name == gpu.name and key.compute_capability == gpu.compute_capability
-        # TensorRT-RTX ahead-of-time plans built without a GPU run on any supported RTX GPU.
-        if not same_gpu and not (flavor == "tensorrt_rtx" and key.gpu_name == CPU_AOT_GPU):
+        # TensorRT-RTX ahead-of-time plans built without a GPU: for any supported RTX GPU ("aot") or for
+        # the listed targets ("aot-SM86-SM89").
+        aot_ok = flavor == "tensorrt_rtx" and key.gpu_name == CPU_AOT_GPU and (
+            key.compute_capability == "aot" or f"SM{gpu.sm}" in key.compute_capability.split("-")
+        )
+        if not same_gpu and not aot_ok:
             continue
         if precision is not None and key.precision != precision:
             continue

@@ -92,3 +92,23 @@ def test_precision_requests_that_cannot_be_met(bundle: Bundle) -> None:
 def test_cli_reports_errors(tmp_path: Path, capsys) -> None:
     assert tensorrt_build.main([str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_aot_targets_are_part_of_the_key_and_matched_at_runtime(bundle: Bundle, monkeypatch) -> None:
+    from robometer_ros.engine import trt_runtime
+    from robometer_ros.engine.trt_common import GpuIdentity
+
+    results = tensorrt_build.build_engines(bundle, flavor="tensorrt_rtx", parts=[PART_VISION, PART_LANGUAGE],
+                                           compute_capabilities=["SM89"], log=lambda *_: None)
+    assert [r.status for r in results] == ["built", "built"]
+    assert {r.key.compute_capability for r in bundle.engines()} == {"aot-SM89"}
+    bad = tensorrt_build.build_engines(bundle, flavor="tensorrt_rtx", parts=[PART_VISION],
+                                       compute_capabilities=["SM99"], log=lambda *_: None)
+    assert bad[0].status == "failed" and "unknown compute capability 'SM99'" in bad[0].message
+
+    monkeypatch.setattr(trt_runtime, "gpu_identity", lambda index=0: GpuIdentity("NVIDIA GeForce RTX 4090", "8.9"))
+    plans = trt_runtime.find_usable_engines(bundle)
+    assert plans is not None and set(plans) == {PART_VISION, PART_LANGUAGE}
+    monkeypatch.setattr(trt_runtime, "gpu_identity", lambda index=0: GpuIdentity("NVIDIA RTX A6000", "8.6"))
+    assert trt_runtime.find_usable_engines(bundle) is None  # built for SM89 only
+    assert trt_runtime.find_usable_engines(bundle, precision="fp16") is None
