@@ -734,6 +734,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from robometer_ros.model.checkpoint import CheckpointError, load_checkpoint
 
     try:
+        if args.base_model is None and not (Path(args.checkpoint) / "tokenizer.json").is_file():
+            raise ExportError(f"{args.checkpoint} ships no tokenizer.json (a released Robometer checkpoint has "
+                              "none): pass --base-model DIR, the base Qwen3-VL-4B-Instruct download")
         model, info = load_checkpoint(args.checkpoint, tokenizer_dir=args.base_model, device=args.device,
                                       dtype=torch.float16 if args.fp16 else torch.float32)
         bundle = export_bundle(

@@ -164,3 +164,22 @@ def test_cli_rejects_a_frame_size_off_the_patch_grid(tiny_bundle, tmp_path: Path
     assert "multiples of 32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export.main([str(ckpt), str(tmp_path / "b"), "--frame-size", "big"])
+
+
+def test_cli_released_layout_needs_the_base_model_tokenizer(tiny_bundle, tmp_path: Path, capsys) -> None:
+    """The released checkpoint: bf16 shards, no tokenizer files; the tokenizer comes from --base-model."""
+    from robometer_ros.model.tokenizer import save_tokenizer
+
+    ckpt = tmp_path / "released"
+    save_checkpoint(tiny_bundle.model, None, ckpt, shard_size=400_000, dtype=torch.bfloat16)
+    assert (ckpt / "model.safetensors.index.json").is_file() and not (ckpt / "tokenizer.json").exists()
+    base = tmp_path / "qwen3vl-base"
+    save_tokenizer(tiny_bundle.tokenizer, base)
+    h, w = TINY_FRAME_SIZE
+    assert export.main([str(ckpt), str(tmp_path / "b1"), "--frame-size", f"{h}x{w}"]) == 1
+    assert "pass --base-model DIR" in capsys.readouterr().err
+    assert export.main([str(ckpt), str(tmp_path / "b2"), "--frame-size", f"{h}x{w}", "--base-model", str(base),
+                        "--include-checkpoint"]) == 0
+    b = Bundle.open(tmp_path / "b2")
+    assert b.checkpoint_path is not None and (b.checkpoint_path / "tokenizer.json").is_file()
+    assert b.manifest.special_tokens["prog_token"] == tiny_bundle.tokenizer.token_to_id("<|prog_token|>")
