@@ -475,6 +475,8 @@ def format_table(metrics: dict[str, dict[str, Any]]) -> str:
             if value is None or (isinstance(value, float) and not math.isfinite(value)):
                 cells.append(f"{'-':>11}")
             else:
+                if isinstance(value, float):
+                    value = round(value, 3) + 0.0  # no "-0.000"
                 cells.append(f"{fmt.format(value):>11}")
         lines.append(name.ljust(width) + "".join(cells))
     return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""End to end on CPU: synthetic episodes -> robometer-train -> robometer-eval -> robometer-export -> bundle
+-> robometer-eval and robometer-score on the bundle (dataset and rosbag), with the exported engine agreeing
+with the PyTorch checkpoint it came from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+from rosbags.rosbag2 import StoragePlugin, Writer
+
+from robometer_ros.engine.bundle import Bundle
+from robometer_ros.recorder import make_typestore
+from robometer_ros.training.evaluate import main as eval_main
+from robometer_ros.training.export import main as export_main
+from robometer_ros.training.score import main as score_main
+from robometer_ros.training.trainer import main as train_main
+from support.synthetic_squares import make_trajectories, write_square_dataset
+
+RECIPE = Path(__file__).resolve().parents[2] / "training" / "tiny_cpu.yaml"
+TASKS = 3
+
+
+def _metrics(path: Path) -> dict:
+    record = json.loads(path.read_text())  # strict JSON: NaN is written as null
+    assert {"settings", "metrics", "episodes"} <= record.keys()
+    return record
+
+
+def _write_bag(path: Path) -> None:
+    """One episode of moving-square frames on /camera/image (raw rgb8), with an instruction topic."""
+    store = make_typestore()
+    types = store.types
+    writer = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
+    writer.open()
+    camera = writer.add_connection("/camera/image", "sensor_msgs/msg/Image", typestore=store)
+    task = writer.add_connection("/task", "std_msgs/msg/String", typestore=store)
+    trajectory = make_trajectories(1, seed=7)[0]
+    start = 10**9
+    writer.write(task, start, store.serialize_cdr(types["std_msgs/msg/String"](data=trajectory.instruction),
+                                                   "std_msgs/msg/String"))
+    for i, frame in enumerate(trajectory.frames):
+        ns = start + i * 10**8
+        stamp = types["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9)
+        message = types["sensor_msgs/msg/Image"](
+            header=types["std_msgs/msg/Header"](stamp=stamp, frame_id="camera"), height=64, width=64,
+            encoding="rgb8", is_bigendian=0, step=64 * 3, data=np.ascontiguousarray(frame).reshape(-1),
+        )
+        writer.write(camera, ns, store.serialize_cdr(message, "sensor_msgs/msg/Image"))
+    writer.close()
+
+
+@pytest.mark.slow
+def test_train_eval_export_score(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.set_num_threads(1)
+    data = write_square_dataset(tmp_path / "data", episodes_per_task=6, eval_episodes_per_task=3)
+    run = tmp_path / "run"
+
+    # --- train: a few dozen steps, held-out eval hook at step 10, resumable checkpoints
+    assert train_main([
+        str(RECIPE), f"data.dataset={data}", f"output_dir={run}", "optim.max_steps=20", "optim.lr=3e-3",
+        "eval.every=10", "eval.max_pairs=6", "checkpoint.every=10", "log.every=5", "log.progress_bar=false",
+    ]) == 0
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    train_losses = [r["train/loss"] for r in log if "train/loss" in r]
+    assert len(train_losses) == 4 and all(np.isfinite(train_losses))
+    assert any("eval/kendall_tau" in r for r in log)
+    hook = _metrics(run / "eval" / "step-0000010" / "metrics.json")
+    assert hook["settings"]["trajectories"] == TASKS * 3
+    for name in ("final", "best"):
+        assert (run / name / "model.safetensors").is_file() and (run / name / "tokenizer.json").is_file()
+    assert list((run / "tensorboard").iterdir())
+
+    # --- evaluate the PyTorch checkpoint
+    assert eval_main([str(run / "final"), "--dataset", str(data), "--split", "val", "--out",
+                      str(tmp_path / "eval_torch"), "--max-pairs", "6", "--plots", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "overall" in table and "VOC" in table and "squares_a" in table and "squares_b" in table
+    torch_eval = _metrics(tmp_path / "eval_torch" / "metrics.json")
+    overall = torch_eval["metrics"]["overall"]
+    assert overall["episodes"] == TASKS * 3 and overall["ranking_tasks"] == TASKS
+    assert overall["pairs"] == 12 and "preference_accuracy_different_task" in overall
+    assert "failure_f1" in overall and torch_eval["settings"]["failure_rule"]["success_threshold"] == 0.5
+    assert len(list((tmp_path / "eval_torch" / "plots").glob("*.png"))) == 3
+
+    # --- export the trained checkpoint, open the bundle
+    bundle_dir = tmp_path / "bundle"
+    assert export_main([str(run / "final"), str(bundle_dir), "--frame-size", "64x64"]) == 0
+    bundle = Bundle.open(bundle_dir)
+    assert bundle.manifest.num_frames == 8 and bundle.manifest.frame.height == 64
+
+    # --- the exported engine gives the checkpoint's predictions
+    assert eval_main([str(bundle_dir), "--dataset", str(data), "--split", "val", "--out",
+                      str(tmp_path / "eval_bundle"), "--max-pairs", "6", "--backend", "onnxruntime"]) == 0
+    bundle_eval = _metrics(tmp_path / "eval_bundle" / "metrics.json")
+    assert bundle_eval["settings"]["runner"].startswith("onnxruntime")
+    for a, b in zip(torch_eval["episodes"], bundle_eval["episodes"], strict=True):
+        assert a["episode_id"] == b["episode_id"]
+        np.testing.assert_allclose(b["predicted_progress"], a["predicted_progress"], atol=1e-4)
+        np.testing.assert_allclose(b["success_probability"], a["success_probability"], atol=1e-4)
+
+    # --- score a dataset with the bundle (parquet) and a bag with the checkpoint (CSV)
+    scores = tmp_path / "scores.parquet"
+    assert score_main([str(bundle_dir), "--dataset", str(data), "--split", "val", "--out", str(scores),
+                       "--stride", "4"]) == 0
+    episodes = pq.read_table(scores).to_pylist()
+    frames = pq.read_table(tmp_path / "scores_frames.parquet").to_pylist()
+    assert len(episodes) == TASKS * 3
+    assert len(frames) == sum(len(range(3, e["n_frames"], 4)) + ((e["n_frames"] - 1) % 4 != 3) for e in episodes)
+    for task in {e["instruction"] for e in episodes}:
+        assert sorted(e["rank_in_task"] for e in episodes if e["instruction"] == task) == [1, 2, 3]
+    assert sorted(e["rank_overall"] for e in episodes) == list(range(1, TASKS * 3 + 1))
+    by_id = {e["episode_id"]: e for e in bundle_eval["episodes"]}
+    for e in episodes:  # the last scored prefix is the whole episode: the eval's last-frame prediction
+        assert e["final_progress"] == pytest.approx(by_id[e["episode_id"]]["predicted_progress"][-1], abs=1e-5)
+
+    _write_bag(tmp_path / "bag")
+    bag_scores = tmp_path / "bag_scores.csv"
+    assert score_main([str(run / "final"), "--bags", str(tmp_path / "bag"), "--image-topic", "/camera/image",
+                       "--out", str(bag_scores)]) == 0
+    bag_episodes = pcsv.read_csv(bag_scores).to_pylist()
+    assert len(bag_episodes) == 1 and bag_episodes[0]["instruction"] == make_trajectories(1, seed=7)[0].instruction
+    bag_frames = pcsv.read_csv(tmp_path / "bag_scores_frames.csv").to_pylist()
+    assert len(bag_frames) == bag_episodes[0]["n_frames"]  # stride 1: a dense reward for every frame
