@@ -221,21 +221,65 @@ def _export_part(module: Any, args: tuple, path: Path, input_names: Sequence[str
                 input_names=list(input_names), output_names=list(output_names),
                 dynamic_axes=dynamic_axes or None, do_constant_folding=True,
             )
-        model = onnx.load(str(raw), load_external_data=True)
-        weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
+        # Without loading the weights: a 4B export is 9-18 GB, which must not sit in memory twice.
+        model = onnx.load(str(raw), load_external_data=False)
+        weight_bytes = sum(_stored_size(init) for init in model.graph.initializer)
         use_external = external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in (path, path.with_name(path.name + ".data")):
             stale.unlink(missing_ok=True)
         if use_external:
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
+            _pack_external_data(model, Path(tmp), path)
         else:
+            onnx.load_external_data_for_model(model, tmp)
             onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
 
 
 _ALIGN = 4096
+#: initializers smaller than this stay inside the .onnx file
+_INLINE_LIMIT = 1024
+
+
+def _stored_size(init: Any) -> int:
+    """Bytes of an initializer's data, inline or external."""
+    import onnx
+
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        return int(_external_entries(init).get("length", 0))
+    return len(init.raw_data)
+
+
+def _pack_external_data(model: Any, source_dir: Path, path: Path) -> None:
+    """Write ``model`` to ``path`` with its weights in one ``path.name + '.data'`` file, one tensor at a time.
+
+    The legacy exporter writes a > 2 GB model as one file per tensor; this streams them (and the larger
+    inline ones) into a single 4 KiB-aligned file, never holding more than one tensor in memory.
+    """
+    import onnx
+
+    location = path.name + ".data"
+    files: dict[str, Any] = {}
+    try:
+        with open(path.parent / location, "wb") as out:
+            for init in model.graph.initializer:
+                external = init.data_location == onnx.TensorProto.EXTERNAL
+                if not external and (not init.HasField("raw_data") or len(init.raw_data) < _INLINE_LIMIT):
+                    continue
+                data = _tensor_bytes(init, source_dir, files)
+                offset = -(-out.tell() // _ALIGN) * _ALIGN
+                out.write(b"\0" * (offset - out.tell()))
+                out.write(data)
+                init.ClearField("raw_data")
+                init.data_location = onnx.TensorProto.EXTERNAL
+                del init.external_data[:]
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = key, value
+    finally:
+        for handle in files.values():
+            handle.close()
+    onnx.save_model(model, str(path))
 
 
 def _external_entries(init: Any) -> dict[str, str]:

@@ -183,3 +183,23 @@ def test_cli_released_layout_needs_the_base_model_tokenizer(tiny_bundle, tmp_pat
     b = Bundle.open(tmp_path / "b2")
     assert b.checkpoint_path is not None and (b.checkpoint_path / "tokenizer.json").is_file()
     assert b.manifest.special_tokens["prog_token"] == tiny_bundle.tokenizer.token_to_id("<|prog_token|>")
+
+
+def test_pack_external_data_streams_per_tensor_files(tiny_bundle, tmp_path: Path) -> None:
+    """A > 2 GB legacy export arrives as one file per tensor; packing gives one aligned .data file, same bytes."""
+    original = onnx.load(str(tiny_bundle.bundle.part_path("language")))
+    want = {i.name: onnx.numpy_helper.to_array(i) for i in original.graph.initializer}
+    split_dir = tmp_path / "split"
+    split_dir.mkdir()
+    onnx.save_model(original, str(split_dir / "language.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(split_dir.iterdir())) > 10
+    out = tmp_path / "packed" / "language.onnx"
+    out.parent.mkdir()
+    export._pack_external_data(onnx.load(str(split_dir / "language.onnx"), load_external_data=False), split_dir, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["language.onnx", "language.onnx.data"]
+    packed = onnx.load(str(out))
+    got = {i.name: onnx.numpy_helper.to_array(i) for i in packed.graph.initializer}
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
