@@ -74,6 +74,7 @@ def test_failed_parity_fails_the_export_and_leaves_no_bundle(tmp_path: Path, mon
     assert list(tmp_path.iterdir()) == []  # the staging directory is gone too
 
 
+@pytest.mark.slow
 def test_external_data_export(tmp_path: Path) -> None:
     tiny = build_tiny_bundle(tmp_path / "b", include_checkpoint=False, external_data=True)
     m = tiny.bundle.manifest
@@ -136,6 +137,7 @@ def test_language_part_parity_over_frame_counts(tiny_bundle, num_frames: int) ->
     np.testing.assert_allclose(got[1], ref["success_logits"].numpy(), atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_exports_a_checkpoint(tiny_bundle, tmp_path: Path, capsys) -> None:
     ckpt = tmp_path / "ckpt"
     save_checkpoint(tiny_bundle.model, tiny_bundle.tokenizer, ckpt)
@@ -166,6 +168,7 @@ def test_cli_rejects_a_frame_size_off_the_patch_grid(tiny_bundle, tmp_path: Path
         export.main([str(ckpt), str(tmp_path / "b"), "--frame-size", "big"])
 
 
+@pytest.mark.slow
 def test_cli_released_layout_needs_the_base_model_tokenizer(tiny_bundle, tmp_path: Path, capsys) -> None:
     """The released checkpoint: bf16 shards, no tokenizer files; the tokenizer comes from --base-model."""
     from robometer_ros.model.tokenizer import save_tokenizer

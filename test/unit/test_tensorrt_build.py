@@ -32,6 +32,7 @@ def test_axis_ranges_follow_the_manifest(tiny_bundle) -> None:
     assert pref["frames"] == (2, 16, 16) and pref["visual_tokens"] == (12, 96, 96)
 
 
+@pytest.mark.slow
 def test_builds_every_part_on_cpu_and_reuses_current_plans(bundle: Bundle) -> None:
     logs: list[str] = []
     results = tensorrt_build.build_engines(bundle, flavor="tensorrt_rtx", log=logs.append)
