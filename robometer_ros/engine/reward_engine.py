@@ -289,6 +289,20 @@ class RewardEngine:
         assert outputs.preference_logit is not None  # the preference part always returns it
         return float(sigmoid_np(outputs.preference_logit)[0])
 
+    def warmup(self, instruction: str = "warm up") -> float:
+        """Run both parts once on a black frame (first calls build kernels / allocate); returns seconds.
+
+        Leaves the cache as it was. Call it before the first real step, e.g. when a node activates.
+        """
+        start = time.perf_counter()
+        key = ("__robometer_warmup__", id(self))
+        self.add_frame(key, np.zeros((self.frame_size[0], self.frame_size[1], 3), dtype=np.uint8))
+        try:
+            self.score(instruction, [key] * self.num_frames)
+        finally:
+            self.forget([key])
+        return time.perf_counter() - start
+
     def close(self) -> None:
         """Drop the cache and release the runtime."""
         self.clear()

@@ -151,6 +151,12 @@ def test_bad_calls_raise_clear_errors(ort_engine) -> None:
         ort_engine.add_frame(["list"], np.zeros((8, 8, 3), np.uint8))
 
 
+def test_warmup_leaves_the_cache_alone(ort_engine) -> None:
+    before = ort_engine.cached_frame_ids()
+    assert ort_engine.warmup() > 0
+    assert ort_engine.cached_frame_ids() == before
+
+
 def test_forget_and_bounded_cache(tiny_bundle, frames) -> None:
     engine = RewardEngine(tiny_bundle.bundle, backend="onnxruntime", intra_op_threads=1, max_cached_frames=3)
     for i in range(5):
