@@ -295,12 +295,15 @@ class RewardEngine:
         Leaves the cache as it was. Call it before the first real step, e.g. when a node activates.
         """
         start = time.perf_counter()
-        key = ("__robometer_warmup__", id(self))
-        self.add_frame(key, np.zeros((self.frame_size[0], self.frame_size[1], 3), dtype=np.uint8))
-        try:
-            self.score(instruction, [key] * self.num_frames)
-        finally:
-            self.forget([key])
+        self._check_instruction(instruction)
+        pixel_values = self.preprocessor(np.zeros((*self.frame_size, 3), dtype=np.uint8))
+        with self._vision_lock:
+            features = self.runtime.encode_frame(pixel_values)
+        n = self.num_frames
+        inputs = self._inputs(("progress", instruction, n),
+                              lambda: self.prompts.progress(instruction, [self._grid] * n),
+                              self.bundle.manifest.sequence.max_length)
+        self._run(inputs, [features] * n)
         return time.perf_counter() - start
 
     def close(self) -> None:
