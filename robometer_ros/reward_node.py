@@ -63,19 +63,20 @@ from robometer_ros.srv import EndEpisode
 NODE_NAME = "reward_node"
 NS_PER_S = 1_000_000_000
 
-# An engine factory turns (bundle path, backend) into an object with the RewardEngine interface
-# (add_frame, score, forget, backend_name, model_id, num_frames). The node's only seam for other engines.
-EngineFactory = Callable[[str, str], Any]
+# An engine factory turns (bundle path, backend, verify_checksums=bool) into an object with the RewardEngine
+# interface (add_frame, score, forget, backend_name, model_id, num_frames). The node's only seam for other
+# engines (tests install a scripted double through it).
+EngineFactory = Callable[..., Any]
 
 
-def open_reward_engine(bundle_path: str, backend: str) -> Any:
+def open_reward_engine(bundle_path: str, backend: str, verify_checksums: bool = True) -> Any:
     """The production engine factory: ``Bundle.open(bundle_path)`` then ``RewardEngine(bundle, backend)``.
 
     Raises whatever they raise (``BundleError`` naming the bad file or field, or a backend error).
     """
     from robometer_ros.engine.bundle import Bundle
 
-    bundle = Bundle.open(bundle_path)  # first, so a bad bundle is reported as such
+    bundle = Bundle.open(bundle_path, verify_checksums=verify_checksums)  # first: a bad bundle is named as such
     from robometer_ros.engine.reward_engine import RewardEngine
 
     return RewardEngine(bundle, backend=backend)
@@ -148,8 +149,10 @@ _MONITOR_DESCRIPTIONS = {
 PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("autostart", True, "walk the node to active on its own (configure, then activate)", AT_STARTUP),
     ParamSpec("bundle", "", "path of the exported model bundle directory (manifest.json, onnx/, engines/)"),
-    ParamSpec("backend", "auto", "inference runtime; auto = tensorrt if usable, else onnxruntime",
-              choices=BACKENDS),
+    ParamSpec("backend", "auto", "inference runtime; auto = tensorrt when the bundle has a plan for this GPU, "
+              "else onnxruntime, else torch", choices=BACKENDS),
+    ParamSpec("verify_checksums", True, "hash every bundle file against its manifest sha256 at configure "
+              "(~10-30 s for a 4B bundle); false still checks that every file exists with its size"),
     ParamSpec("num_frames", 8, "frames scored per step; must equal the bundle's frame count", low=1, high=64),
     ParamSpec("image_topic", "~/image", "camera topic (the base topic: /compressed is appended for "
               "image_transport compressed)"),
@@ -498,7 +501,7 @@ class RewardNode(LifecycleNode):
         backend = str(self._param("backend"))
         self.get_logger().info(f"opening bundle {bundle} (backend {backend})")
         try:
-            engine = self._engine_factory(bundle, backend)
+            engine = self._engine_factory(bundle, backend, verify_checksums=bool(self._param("verify_checksums")))
         except Exception as err:  # a bundle or backend problem must not kill the node
             raise ConfigurationError(f"cannot load bundle {bundle!r}: {type(err).__name__}: {err}") from err
         num_frames = int(self._param("num_frames"))

@@ -87,8 +87,9 @@ def test_raw_images_of_every_colour_encoding_give_rewards_stamped_with_sent_fram
         msgs.append((raw_image(colour_frame(progress, success), encoding, t, pad=3 if i % 2 else 0),
                      SentFrame(t, progress, success, encoding)))
     camera.publish(msgs)
-    last_stamp = camera.sent[-1].t_ns
-    received = rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) == last_stamp)
+    # Best effort (the default camera QoS) may lose a frame, so wait for a reward on any of the last few.
+    tail = camera.sent[-5].t_ns
+    received = rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) >= tail)
     check_rewards_against_frames(rewards.messages, camera.sent)
     assert len(rewards.messages) >= 5
     assert received[0].frames_in_episode >= 30  # best effort may lose a few frames, not many
@@ -135,10 +136,10 @@ def _value(array: DiagnosticArray, key: str) -> str | None:
 
 
 def test_episodes_follow_instruction_reset_and_end(start_node, probe, tmp_path):
-    node, rewards = start_scored_node(start_node, probe, tmp_path)
+    node, rewards = start_scored_node(start_node, probe, tmp_path, camera_qos="reliable")  # exact frame counts
     statuses = probe.subscribe(f"{NODE}/episode", EpisodeStatus, LATCHED)
     instruction = publish_instruction(probe, TASK)
-    camera = Camera(probe.publisher("/camera/image", Image, SENSOR))
+    camera = Camera(probe.publisher("/camera/image", Image, RELIABLE))
 
     def send(n: int, progress: float = 0.3) -> None:
         msgs = []
@@ -206,7 +207,7 @@ def test_failure_flag_is_latched_for_a_late_subscriber_and_calls_the_trigger(sta
         return response
 
     probe.node.create_service(Trigger, "/arm/stop", stop_arm)
-    node, rewards = start_scored_node(start_node, probe, tmp_path, trigger_service="/arm/stop")
+    node, rewards = start_scored_node(start_node, probe, tmp_path, trigger_service="/arm/stop", camera_qos="reliable")
     publish_instruction(probe, TASK)
     camera = Camera(probe.publisher("/camera/image", Image, RELIABLE), rate_hz=20)
 
@@ -280,7 +281,7 @@ def test_missing_bundle_fails_configure_clearly_and_a_fixed_bundle_recovers(star
     missing = tmp_path / "no_such_bundle"
     diagnostics = probe.subscribe("/diagnostics", DiagnosticArray, 50)
     rewards = probe.subscribe(f"{NODE}/step_reward", StepReward, RELIABLE)
-    node = start_node(SCRIPTED_NODE_MODULE, node_args(missing))
+    node = start_node(SCRIPTED_NODE_MODULE, node_args(missing, camera_qos="reliable"))
     node.wait_for_output("configure failed: cannot load bundle")
     assert str(missing) in node.output()
     error = diagnostics.wait_for(1, timeout=10, predicate=lambda a: a.status[0].level == DiagnosticStatus.ERROR)[0]
@@ -303,7 +304,7 @@ def test_missing_bundle_fails_configure_clearly_and_a_fixed_bundle_recovers(star
     assert not refused.results[0].successful and "applied at configure" in refused.results[0].reason
 
     publish_instruction(probe, TASK)
-    camera = Camera(probe.publisher("/camera/image", Image, SENSOR))
+    camera = Camera(probe.publisher("/camera/image", Image, RELIABLE))
     msgs = []
     for _ in range(5):
         t = camera.take_stamp()

@@ -112,7 +112,8 @@ def test_recording_writes_a_bag_per_episode_that_reads_back(start_node, probe, t
 
     bags = tmp_path / "bags"
     rewards = probe.subscribe(f"{NODE}/step_reward", StepReward, RELIABLE)
-    node = start_node(SCRIPTED_NODE_MODULE, node_args(tmp_path, record=True, record_dir=str(bags)))
+    node = start_node(SCRIPTED_NODE_MODULE, node_args(tmp_path, record=True, record_dir=str(bags),
+                                                      camera_qos="reliable"))
     node.wait_for_output("recording episodes to")
     node.wait_for_output("active:")
     publish_instruction(probe, "stack the cups")

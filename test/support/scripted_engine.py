@@ -97,7 +97,7 @@ class ScriptedRewardEngine:
         )
 
 
-def open_scripted_engine(bundle_path: str, backend: str) -> ScriptedRewardEngine:
+def open_scripted_engine(bundle_path: str, backend: str, **options: object) -> ScriptedRewardEngine:
     """Engine factory for the node: the bundle must be an existing directory, as a real one must."""
     if not bundle_path or not Path(bundle_path).is_dir():
         raise FileNotFoundError(f"bundle directory {bundle_path!r} does not exist")
