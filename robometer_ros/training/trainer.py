@@ -289,7 +289,10 @@ def wrap_model(
     # find_unused_parameters: the preference head is unused when the preference weight is 0, and
     # frozen modules have no gradients at all; DDP must not wait for them.
     unused = config.loss.preference_weight == 0 or config.loss.success_weight == 0
-    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=unused)
+    # broadcast_buffers off: the only buffers are rotary constants, identical on every rank.
+    return DistributedDataParallel(
+        module, device_ids=device_ids, find_unused_parameters=unused, broadcast_buffers=False
+    )
 
 
 def unwrap(model: nn.Module) -> RobometerBatchModule:
@@ -575,7 +578,11 @@ class Trainer:
         if self.fsdp or self.env.is_main:
             was_training = module.training
             module.eval()
-            predictor = TorchPredictor(self.model, self.collator, self.env.device, self.amp_dtype,
+            # FSDP: every rank runs the sharded root module (its forward gathers the shards). DDP: rank 0
+            # runs the inner module alone; the DDP wrapper's forward could start collectives the other
+            # ranks never join.
+            runner = self.model if self.fsdp else module
+            predictor = TorchPredictor(runner, self.collator, self.env.device, self.amp_dtype,
                                        num_frames=self.config.data.num_frames)
             out_dir = self.output_dir / "eval" / f"{CHECKPOINT_PREFIX}{self.step:07d}"
             options = EvalOptions(max_trajectories=self.config.eval.max_trajectories,
@@ -642,6 +649,14 @@ class Trainer:
             self.loss_weights,
         )
 
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Skip the gradient all-reduce / reduce-scatter on all but the last accumulation micro-batch."""
+        if hasattr(self.model, "no_sync"):  # DDP
+            return contextlib.nullcontext() if sync else self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if not self.env.distributed:
             return values
@@ -679,8 +694,7 @@ class Trainer:
             sums = {"loss": 0.0, "loss_progress": 0.0, "loss_success": 0.0, "loss_preference": 0.0}
             for micro in range(accum):
                 batch = next(batches)
-                sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
-                with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self._gradient_sync(micro == accum - 1):
                     terms = self._forward_loss(batch)
                     (terms.total / accum).backward()
                 floats = terms.as_floats()

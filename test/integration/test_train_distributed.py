@@ -1,4 +1,5 @@
-"""Two CPU ranks under torchrun (gloo): DDP and FSDP train the tiny model to the same place on both ranks."""
+"""Two CPU ranks under torchrun (gloo): DDP and FSDP train the tiny model to the same place on both ranks,
+with gradient accumulation, periodic held-out evaluation and checkpoints in the loop."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def squares(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_square_dataset(tmp_path_factory.mktemp("squares"), episodes_per_task=4, eval_episodes_per_task=2)
+    return write_square_dataset(tmp_path_factory.mktemp("squares"), episodes_per_task=4, eval_episodes_per_task=4)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def run_two_ranks(data: Path, out: Path, *overrides: str) -> subprocess.Complete
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         str(WORKER), str(REPO / "training" / "tiny_cpu.yaml"),
         f"data.dataset={data}", f"output_dir={out}", f"optim.max_steps={STEPS}", "optim.lr=3e-3",
-        "log.every=1", "log.progress_bar=false", "log.tensorboard=false", "data.eval_split=null",
+        "optim.batch_size=1", "optim.grad_accum_steps=2", "log.every=1", "log.progress_bar=false",
+        "log.tensorboard=false", "data.eval_split=val", "eval.every=5", "eval.max_pairs=3",
         "checkpoint.every=5", *overrides,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -59,6 +61,10 @@ def losses(out: Path) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
+def eval_metrics(out: Path, step: int) -> dict:
+    return json.loads((out / "eval" / f"step-{step:07d}" / "metrics.json").read_text())["metrics"]["overall"]
+
+
 @pytest.mark.slow
 def test_ddp_ranks_agree_and_the_loss_falls(ddp_run: Path) -> None:
     out = ddp_run
@@ -70,6 +76,9 @@ def test_ddp_ranks_agree_and_the_loss_falls(ddp_run: Path) -> None:
     saved = load_file(str(out / "final" / "model.safetensors"))
     assert all(torch.equal(saved[k], params[f"robometer.{k}"]) for k in saved)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000005", "step-0000010"]
+    # the eval hook ran on rank 0 at step 5 and after the last step, and kept a best model
+    assert eval_metrics(out, 5)["episodes"] == 12 and eval_metrics(out, STEPS)["pairs"] == 6
+    assert (out / "best" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -82,5 +91,10 @@ def test_fsdp_matches_ddp(tmp_path: Path, squares: Path, ddp_run: Path) -> None:
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-6, rtol=1e-5)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(ddp_run), abs=1e-5)
+    for step in (5, STEPS):  # evaluation under FSDP runs on all ranks and sees the same model
+        ddp_eval, fsdp_eval = eval_metrics(ddp_run, step), eval_metrics(tmp_path / "fsdp", step)
+        assert fsdp_eval.keys() == ddp_eval.keys()
+        for key, value in ddp_eval.items():
+            assert fsdp_eval[key] == pytest.approx(value, abs=1e-4, nan_ok=True), key
     saved = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
     assert all(torch.equal(saved[k], fsdp[f"robometer.{k}"]) for k in saved)
