@@ -146,6 +146,11 @@ def read_checkpoint_config(checkpoint_dir: str | Path) -> RobometerConfig:
     # dtype is the caller's choice (load_checkpoint(dtype=...)), not part of the architecture
     for key in ("architectures", "auto_map", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         backbone.pop(key, None)
+    # A bf16 save also writes dtype into the sub-configs; transformers 5 builds those submodules in it, which
+    # would silently override load_checkpoint(dtype=...) (bf16 weights in an fp32 export -> exporter failure).
+    for sub in ("text_config", "vision_config"):
+        for key in ("dtype", "torch_dtype"):
+            backbone[sub].pop(key, None)
 
     settings: dict[str, Any] = {}
     config_yaml = directory / CONFIG_YAML
