@@ -74,6 +74,16 @@ echo "import os, sys; os.environ.get('ROBOMETER_ROS_INSTALLED_ONLY') or sys.path
   > "$SITE/robometer_ros_source.pth"
 
 "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+
+# 6. Test data: the real Qwen3-VL vocabulary ships in the dashscope 2.0.2 wheel (2.4 MB; only its
+#    qwen.tiktoken is read, dashscope is never installed). test/unit/test_released_compat.py skips without it.
+TESTDATA=$VENV/share/robometer_ros_testdata
+if [ ! -f "$TESTDATA/dashscope-2.0.2-py3-none-any.whl" ]; then
+  log "pip download dashscope==2.0.2 (Qwen vocabulary for the released-model tests)"
+  mkdir -p "$TESTDATA"
+  "$VENV/bin/python" -m pip download -q --no-deps dashscope==2.0.2 -d "$TESTDATA" 2>&1 \
+    | { grep -v 'is ignored: it is neither' || true; } || log "download failed; test_released_compat.py will skip"
+fi
 "$VENV/bin/python" -c "from robometer_ros.msg import StepReward, FailureFlag; import robometer_ros.model" \
   || { log "import check failed"; exit 1; }
 log "done in $(( $(date +%s) - t0 )) s; venv $(du -sh "$VENV" | cut -f1)"
