@@ -273,16 +273,23 @@ def test_mrope_ids_with_realistic_grids(tokenizer):
 
 # ----------------------------------------------------------------------------- 2. released layout -> bundle
 def _released_backbone(model) -> dict:
-    """config.json as transformers 4.57 writes the RFM wrapper's Qwen3VLConfig (rope_scaling + rope_theta)."""
+    """config.json as the official trainer writes it (transformers 4.57 + Unsloth).
+
+    Field for field like a published RBM checkpoint's (amburger66/robometer-4b-lora-robotsmith-task03,
+    transformers 4.57.6): rope as ``rope_scaling`` + integer ``rope_theta``, ``dtype`` in the top level AND
+    in both sub-configs, Unsloth's extra keys, the pad id of ``<|vision_pad|>``.
+    """
     backbone = json.loads(json.dumps(model.config.backbone))
     text = backbone["text_config"]
     rope = text.pop("rope_parameters")
     text["rope_scaling"] = {"mrope_interleaved": rope["mrope_interleaved"], "mrope_section": rope["mrope_section"],
                             "rope_type": rope["rope_type"]}
-    text.update(rope_theta=rope["rope_theta"], dtype="bfloat16", bos_token_id=151643, eos_token_id=151645,
+    text.update(rope_theta=int(rope["rope_theta"]), dtype="bfloat16", bos_token_id=151643, eos_token_id=151645,
                 use_cache=True, initializer_range=0.02)
     backbone["vision_config"]["dtype"] = "bfloat16"
-    return {"architectures": ["RFM"], **backbone, "dtype": "bfloat16", "transformers_version": "4.57.1"}
+    return {"architectures": ["RFM"], **backbone, "dtype": "bfloat16", "model_name": "unsloth/Qwen3-VL-4B-Instruct",
+            "pad_token_id": 151654, "transformers_version": "4.57.6", "unsloth_fixed": True,
+            "unsloth_version": "2026.3.8"}
 
 
 RELEASED_CONFIG_YAML = {
