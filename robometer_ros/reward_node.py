@@ -295,6 +295,7 @@ class RewardNode(LifecycleNode):
         self._episode: Episode | None = None
         self._images: dict[Hashable, np.ndarray] = {}  # admitted, not yet encoded
         self._encoded: set[Hashable] = set()  # in the engine's feature cache (worker-owned)
+        self._encode_failed: set[Hashable] = set()  # add_frame raised; retried only when a step needs it
         self._next_frame_id = 0
         self._next_step_due = 0.0
         self._flag_failed = False  # what the latched failure_flag says now
@@ -831,7 +832,9 @@ class RewardNode(LifecycleNode):
                 return _ScoreJob(episode, episode.instruction, selection, to_encode), None
             wait_s = self._next_step_due - now
         # Nothing to score yet: encode an admitted frame ahead of time (newest first: most likely needed next).
-        pending = [fid for fid in self._images if fid in live and fid not in self._encoded]
+        self._encode_failed &= live
+        pending = [fid for fid in self._images
+                   if fid in live and fid not in self._encoded and fid not in self._encode_failed]
         if pending:
             fid = max(pending)
             return (fid, self._images[fid]), None
@@ -841,14 +844,16 @@ class RewardNode(LifecycleNode):
         try:
             self._engine.add_frame(frame_id, image)
         except Exception as err:
-            # Leave it unencoded: the score job retries it, and reports a persistent failure as a model error.
+            # Keep the image: the score job that needs this frame retries it (a persistent failure becomes a
+            # model error there, once per step); it is no longer encoded ahead of time, so no hot loop.
             with self._lock:
-                self._images.pop(frame_id, None)
+                self._encode_failed.add(frame_id)
             self._note_model_error(f"add_frame: {type(err).__name__}: {err}")
             return
         with self._lock:
             self._encoded.add(frame_id)
             self._images.pop(frame_id, None)
+            self._encode_failed.discard(frame_id)
 
     def _run_score_job(self, job: _ScoreJob) -> None:
         episode = job.episode
@@ -863,6 +868,7 @@ class RewardNode(LifecycleNode):
                 with self._lock:
                     self._encoded.add(fid)
                     self._images.pop(fid, None)
+                    self._encode_failed.discard(fid)
             missing = [fid for fid in frame_ids if fid not in self._encoded]
             if missing:
                 raise RuntimeError(f"frames {missing} have no features (their images were dropped before encoding)")

@@ -4,7 +4,8 @@
 backend_name, model_id, num_frames) but no model: a frame's progress is the mean of its red channel / 255
 and its success probability the mean of its green channel / 255, so a test scripts any progress curve by
 publishing frames of the right colour (jpeg keeps a flat colour's mean within a few levels). A frame with a
-blue mean above 250 makes `score` raise ModelOutputError (the engine's NaN-output error).
+blue mean above 250 makes `score` raise ModelOutputError (the engine's NaN-output error); a frame with a blue
+mean in (200, 250] makes the first `add_frame` of it fail (a transient encoder error; the retry succeeds).
 
 Run as a node (`python -m support.scripted_engine --ros-args ...`): the real reward node's `main` with this
 double installed through the node's engine factory seam. The "bundle" must be an existing directory (a
@@ -55,6 +56,7 @@ class ScriptedRewardEngine:
         self.score_delay_s = score_delay_s
         self._features: dict[Hashable, tuple[float, float, float]] = {}
         self._lock = threading.Lock()
+        self._failed_once: set[Hashable] = set()
         self.added = 0
         self.forgotten = 0
 
@@ -64,6 +66,9 @@ class ScriptedRewardEngine:
             raise ValueError(f"expected uint8 HxWx3, got {image.dtype} {image.shape}")
         means = image.reshape(-1, 3).mean(axis=0) / 255.0
         with self._lock:
+            if 200 / 255 < means[2] <= 250 / 255 and frame_id not in self._failed_once:
+                self._failed_once.add(frame_id)
+                raise RuntimeError("scripted transient encoder failure")
             self._features[frame_id] = (float(means[0]), float(means[1]), float(means[2]))
             self.added += 1
 
