@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -103,7 +104,9 @@ def init_distributed(config: TrainConfig) -> DistEnv:
         if backend == "nccl" and not cuda:
             raise ConfigError("distributed.backend nccl needs CUDA; use gloo (or auto) on CPU")
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+            # One hour: under DDP the other ranks wait in a collective while rank 0 runs a held-out eval.
+            dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
+                                    timeout=datetime.timedelta(minutes=60))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
 
 
