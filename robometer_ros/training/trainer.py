@@ -238,9 +238,13 @@ def prepare_trainable(model: RobometerModel, config: TrainConfig) -> None:
         for param in model.model.visual.parameters():
             param.requires_grad = False
     if config.model.gradient_checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # With a frozen embedding the checkpointed blocks' inputs need grads for the backward to reach LoRA.
-        model.model.enable_input_require_grads()
+        # Non-reentrant checkpointing of every vision block and decoder layer (it needs no input that
+        # requires grad, so a frozen embedding under LoRA is fine). transformers 5 renamed the method.
+        backbone = model.model
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def lora_merged_state_dict(state: dict[str, torch.Tensor], config: TrainConfig) -> dict[str, torch.Tensor]:

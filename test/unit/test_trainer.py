@@ -139,6 +139,27 @@ def test_freeze_vision_and_lora_choose_the_trainable_parameters() -> None:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_gradient_checkpointing_is_on_and_changes_no_gradient() -> None:
+    trajectory = make_trajectories(1)[0]
+    grads = []
+    for checkpointing in (False, True):
+        config = load_config(None, ["data.dataset=d", f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                                    "model.freeze_vision=false"])
+        model, tokenizer = tiny_model(seed=3)
+        prepare_trainable(model, config)
+        layers = [*model.model.language_model.layers, *model.model.visual.blocks]
+        assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
+        batch = BatchCollator(tokenizer, 2, (64, 64)).progress_batch([trajectory.instruction], [trajectory.frames[:8]])
+        model.train()
+        torch.manual_seed(0)  # same head-dropout masks in both runs
+        out = RobometerBatchModule(model)(**batch)
+        (out["progress_logits"].square().mean() + out["success_logits"].mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("model.visual.") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
 def test_lora_merge_gives_a_plain_model_with_the_same_outputs() -> None:
     config = load_config(None, ["data.dataset=d", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
                                 "lora.dropout=0.0"])
