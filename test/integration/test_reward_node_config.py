@@ -184,3 +184,20 @@ def test_unwritable_record_dir_is_a_diagnostics_error_not_a_crash(start_node, pr
     error = diagnostics.wait_for(1, timeout=10, predicate=lambda a: a.status[0].level == DiagnosticStatus.ERROR)[-1]
     assert "recording failed" in error.status[0].message and "not_a_directory" in error.status[0].message
     assert node.running()
+
+
+# rclpy's own default incompatible-QoS handler on the probe's publisher logs through a deprecated call.
+@pytest.mark.filterwarnings("ignore:Deprecated in favor of:DeprecationWarning")
+def test_reliable_subscriber_with_a_best_effort_camera_says_so(start_node, probe, tmp_path) -> None:
+    from reward_node_helpers import SENSOR
+
+    diagnostics = probe.subscribe("/diagnostics", DiagnosticArray, 50)
+    node = start_node(SCRIPTED_NODE_MODULE, node_args(tmp_path, camera_qos="reliable"))
+    node.wait_for_output("active:")
+    publish_instruction(probe, "stack the cups")
+    camera = probe.publisher("/camera/image", Image, SENSOR, wait_for_subscribers=0)
+    camera.publish(raw_image(colour_frame(0.5), "rgb8", 1))
+    node.wait_for_output("incompatible QoS")
+    assert "use camera_qos sensor_data" in node.output()
+    warn = diagnostics.wait_for(1, timeout=20, predicate=lambda a: a.status[0].level == DiagnosticStatus.WARN)[-1]
+    assert "a reliable subscriber does not match a best-effort camera" in warn.status[0].message
