@@ -551,6 +551,35 @@ class Trainer:
         self.env.barrier()
 
     # ---------------------------------------------------------------- logging
+    def _say(self, text: str) -> None:
+        """A message on rank 0's stderr (kept clear of the progress bar)."""
+        if not self.env.is_main:
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+        except ImportError:
+            print(text, file=sys.stderr)
+
+    def describe(self) -> str:
+        """One paragraph about the run: ranks, device, precision, parameters, pairs per step, strategies."""
+        total = sum(p.numel() for p in self.robometer.parameters())
+        trainable = sum(p.numel() for p in self.robometer.parameters() if p.requires_grad)
+        optim = self.config.optim
+        mode = ("FSDP" if self.fsdp else "DDP") if self.env.distributed else "single process"
+        strategies = ", ".join(f"{k} {v:.2f}" for k, v in self.sampler.strategy_probabilities.items())
+        return (
+            f"robometer-train: {mode}, {self.env.world_size} rank(s) on {self.env.device} "
+            f"({self.env.backend or 'no backend'}), precision {self.amp_dtype or torch.float32}; "
+            f"{total / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trainable"
+            f"{' (LoRA)' if self.config.lora.enabled else ''}; "
+            f"{optim.batch_size * optim.grad_accum_steps * self.env.world_size} pairs per step for "
+            f"{optim.max_steps} steps; {len(self.train_collection)} training episodes "
+            f"({len(self.eval_collection) if self.eval_collection is not None else 0} held out); "
+            f"pair strategies: {strategies}"
+        )
+
     def _log(self, scalars: dict[str, float]) -> None:
         if not self.env.is_main:
             return
@@ -614,8 +643,15 @@ class Trainer:
         scalars = {f"eval/{k}": float(v) for k, v in overall.items()
                    if isinstance(v, (int, float)) and v == v}  # drop NaN (metric undefined on this split)
         self._log(scalars)
+        if self.env.is_main:
+            from robometer_ros.training.evaluate import format_table
+
+            self._say(f"held-out evaluation at step {self.step}:\n{format_table(metrics)}")
         key = self.config.eval.best_metric
         score = overall.get(key)
+        if key not in overall:
+            self._say(f"eval.best_metric {key!r} is not a metric (known: {', '.join(sorted(overall))}); "
+                      "no best model is chosen")
         if score is None or score != score:
             return
         if self.best_score is None or score > self.best_score:
@@ -683,9 +719,11 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
         env.barrier()
+        self._say(self.describe())
         resume = resolve_resume(config)
         if resume is not None:
             self.load_state(resume)
+            self._say(f"resumed from {resume} at step {self.step}")
         accum = config.optim.grad_accum_steps
         pairs_per_step = config.optim.batch_size * accum * env.world_size
         progress = None
