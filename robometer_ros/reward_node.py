@@ -490,6 +490,8 @@ class RewardNode(LifecycleNode):
                 f"`ros2 lifecycle set {self.get_fully_qualified_name()} configure`)"
             )
             return
+        if not self.context.ok():  # Ctrl-C while the engine was loading: do not activate on the way out
+            return
         self.trigger_activate()
 
     def release(self) -> None:
