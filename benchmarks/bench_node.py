@@ -195,6 +195,8 @@ def main() -> None:
     print(f"scoring steps {steps}, rate {(steps - 1) / span if span else 0.0:.2f} Hz")
     print(f"stamp age at StepReward arrival ms p50/p90/p99/max: {percentiles(stamp_age_ms)}")
     print(f"inference time ms p50/p90/p99/max:                 {percentiles(inference_ms)}")
+    print(f"node-side stamp age at publish ms (last 200 steps) p50 {values.get('stamp_age_ms.median', '?')}, "
+          f"p95 {values.get('stamp_age_ms.p95', '?')}")
     print("node RSS MiB over time: " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in rss))
     print(f"node log: {work / 'node.log'}")
 
