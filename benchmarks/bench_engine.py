@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from robometer_ros.engine.runtime import module_available
+from robometer_ros.engine.runtime import RuntimeUnavailableError, module_available
 from robometer_ros.episode import subsample_indices
 
 INSTRUCTION = "pick up the red block and put it in the bowl"
@@ -299,13 +299,24 @@ def main(argv: list[str] | None = None) -> int:
                                    check_parity=needs_onnx and not cuda, log=lambda *_: None)
             print(f"{config}: {params:.1f} M params, bundle in {time.perf_counter() - t0:.1f} s, "
                   f"{bundle.manifest.frame.tokens_per_frame} tokens/frame", flush=True)
+            run_backends = list(backends)
             if "tensorrt" in backends:
-                from robometer_ros.engine.tensorrt_build import build_engines
+                from robometer_ros.engine.tensorrt_build import EngineBuildError, build_engines
 
-                build_engines(bundle, precision="auto")
-            for backend in backends:
-                rows += run_backend(config, backend, model, tok, bundle, frames, args.lengths, args.steps,
-                                    args.device, args.threads)
+                try:
+                    results = build_engines(bundle, precision="auto")
+                    failed = [r.message for r in results if r.status == "failed"]
+                    if failed:
+                        raise EngineBuildError("; ".join(failed))
+                except (RuntimeUnavailableError, EngineBuildError) as exc:
+                    print(f"{config}: skipping tensorrt: {exc}", flush=True)
+                    run_backends.remove("tensorrt")
+            for backend in run_backends:
+                try:
+                    rows += run_backend(config, backend, model, tok, bundle, frames, args.lengths, args.steps,
+                                        args.device, args.threads)
+                except RuntimeUnavailableError as exc:
+                    print(f"{config}: skipping {backend}: {exc}", flush=True)
             del model
             gc.collect()
     print()
