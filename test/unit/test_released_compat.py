@@ -17,8 +17,10 @@ downloads it) or tiktoken is missing.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import unicodedata
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +44,9 @@ from robometer_ros.preprocess import MAX_PIXELS, MIN_PIXELS
 torch.set_num_threads(1)
 
 tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is not installed (requirements/dev.txt pins it)")
-QWEN_SOURCE = qwen_vocab.find_qwen_vocab()
-pytestmark = pytest.mark.skipif(
-    QWEN_SOURCE is None,
-    reason=f"{qwen_vocab.DASHSCOPE_WHEEL} not found in {qwen_vocab.default_testdata_dir()} (scripts/setup_venv.sh "
-    "downloads it; or pip download --no-deps dashscope==2.0.2 -d DIR and set ROBOMETER_ROS_TESTDATA=DIR)",
+SKIP_REASON = (
+    f"{qwen_vocab.DASHSCOPE_WHEEL} not found in {qwen_vocab.default_testdata_dir()} (scripts/setup_venv.sh "
+    "downloads it; or pip download --no-deps dashscope==2.0.2 -d DIR and set ROBOMETER_ROS_TESTDATA=DIR)"
 )
 
 FIRST_SPECIAL_ID = 151643
@@ -72,10 +72,19 @@ INSTRUCTIONS = [
 
 # ------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
+def qwen_source() -> Path:
+    """The dashscope wheel with the real Qwen vocabulary; every test that needs it skips without it."""
+    source = qwen_vocab.find_qwen_vocab()
+    if source is None:
+        pytest.skip(SKIP_REASON)
+    return source
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, qwen_source) -> Path:
     """An offline stand-in for Qwen/Qwen3-VL-4B-Instruct's tokenizer files (no Robometer tokens)."""
     out = tmp_path_factory.mktemp("Qwen3-VL-4B-Instruct")
-    qwen_vocab.write_base_tokenizer_dir(QWEN_SOURCE, out)
+    qwen_vocab.write_base_tokenizer_dir(qwen_source, out)
     (out / "chat_template.jinja").unlink()  # the HF repo ships the template as chat_template.json
     (out / "chat_template.json").write_text(json.dumps({"chat_template": qwen3vl_chat_template()}))
     return out
@@ -118,13 +127,13 @@ def processor(hf_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tiktoken_encoding():
+def tiktoken_encoding(qwen_source):
     """Qwen's tokenizer as originally implemented (tiktoken, NFC input): an independent reference."""
     from tiktoken.load import load_tiktoken_bpe
 
     with tempfile.TemporaryDirectory() as tmp:
         ranks_file = Path(tmp) / "qwen.tiktoken"
-        ranks_file.write_bytes(qwen_vocab.read_qwen_tiktoken(QWEN_SOURCE))
+        ranks_file.write_bytes(qwen_vocab.read_qwen_tiktoken(qwen_source))
         ranks = load_tiktoken_bpe(str(ranks_file))
     specials = {tok: FIRST_SPECIAL_ID + i for i, tok in enumerate(QWEN3VL_SPECIAL_TOKENS + ROBOMETER_SPECIAL_TOKENS)}
     return tiktoken.Encoding("qwen", pat_str=qwen_vocab.QWEN_PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
@@ -154,6 +163,22 @@ def _meta_backbone(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------- 1. vocabulary
+def test_vocabulary_source_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape("pip download --no-deps dashscope==2.0.2")):
+        qwen_vocab.read_qwen_tiktoken(tmp_path / "missing.whl")
+    wrong = tmp_path / "qwen.tiktoken"
+    wrong.write_bytes(b"IQ== 0\n")
+    with pytest.raises(ValueError, match=r"sha256 \w+ is not the known"):
+        qwen_vocab.read_qwen_tiktoken(wrong)
+    other_wheel = tmp_path / "other-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(other_wheel, "w") as archive:
+        archive.writestr("other/__init__.py", "")
+    with pytest.raises(ValueError, match=re.escape("has no dashscope/resources/qwen.tiktoken")):
+        qwen_vocab.read_qwen_tiktoken(other_wheel)
+    assert qwen_vocab.find_qwen_vocab(tmp_path) == wrong  # a bare qwen.tiktoken is found too
+    assert qwen_vocab.main([str(tmp_path / "out"), "--source", str(wrong)]) == 1
+
+
 def test_real_vocabulary_gives_the_released_ids(base_dir, tokenizer, hf_tokenizer):
     from tokenizers import Tokenizer
 
@@ -360,6 +385,7 @@ def released(tmp_path_factory, tokenizer, base_dir):
     return checkpoint, bundle_dir, reference, rc
 
 
+@pytest.mark.slow  # shares the ~10 s export of the `released` fixture
 def test_released_config_dtype_does_not_override_the_requested_dtype(released, base_dir):
     # The 4.57 config.json carries dtype "bfloat16" in text_config/vision_config too; transformers 5 would
     # build those submodules in bf16 whatever load_checkpoint was asked for (regression: the fp32 export
@@ -374,6 +400,7 @@ def test_released_config_dtype_does_not_override_the_requested_dtype(released, b
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.slow  # shares the ~10 s export of the `released` fixture
 def test_release_needs_the_base_model_for_its_tokenizer(released, tmp_path, capsys):
     from robometer_ros.training import export
 
@@ -385,6 +412,7 @@ def test_release_needs_the_base_model_for_its_tokenizer(released, tmp_path, caps
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # shares the ~10 s export of the `released` fixture
 def test_released_checkpoint_exports_with_the_real_ids(released):
     from robometer_ros.engine.bundle import Bundle
 
@@ -410,6 +438,7 @@ def _processor_inputs(processor, hf_tokenizer, conversation, frames):
     return processor(text=[text], images=frames, return_tensors="pt")
 
 
+@pytest.mark.slow  # shares the ~10 s export of the `released` fixture
 def test_engine_on_the_exported_release_equals_the_reference_forward(released, processor, hf_tokenizer):
     from robometer_ros.engine.reward_engine import RewardEngine
     from robometer_ros.model.progress import expected_progress_np, sigmoid_np
