@@ -756,3 +756,60 @@ def write_manifest(root: Path, manifest: Manifest) -> Manifest:
         manifest.created_at = utc_now()
     write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
     return manifest
+
+
+def describe(bundle: Bundle) -> str:
+    """A human-readable summary of a bundle: model, frame, parts, limits and engines."""
+    m = bundle.manifest
+    f = m.frame
+    lines = [
+        f"bundle {bundle.root}",
+        f"  model {m.model_id} version {m.model_version} (base {m.base_model}), precision {m.precision}, "
+        f"schema {m.schema_version}",
+        f"  frame {f.height}x{f.width}, grid {f.grid_thw}, {f.tokens_per_frame} tokens/frame, "
+        f"{m.num_frames} frames per prompt (max {m.sequence.max_frames}), {m.progress_bins} progress bins",
+        f"  prompt length {m.sequence.min_length}..{m.sequence.max_length} "
+        f"(preference {m.sequence.preference_min_length}..{m.sequence.preference_max_length})",
+    ]
+    for part in m.parts.values():
+        ins = ", ".join(f"{t.name}{list(t.shape)}" for t in part.inputs)
+        outs = ", ".join(f"{t.name}{list(t.shape)}" for t in part.outputs)
+        folder = Path(part.file).parent.as_posix()
+        own = [e for e in part.external_data if e.startswith(Path(part.file).name)]
+        shared = [e for e in part.external_data if e not in own]
+        size = sum(m.files.get(rel, {}).get("size", 0) for rel in [part.file] + [f"{folder}/{e}" for e in own])
+        note = f", shares {', '.join(shared)}" if shared else ""
+        lines.append(f"  {part.name}: {part.file} ({size / 1e6:.1f} MB{note}) in: {ins} out: {outs}")
+    lines.append(f"  checkpoint: {m.checkpoint_dir or 'none (no torch backend)'}")
+    engines = bundle.engines()
+    if not engines:
+        lines.append("  engines: none (run robometer-build-engines on the target)")
+    for e in engines:
+        ok, why = bundle.engine_is_current(e)
+        lines.append(f"  engine {e.part}: {e.key.runtime} {e.key.runtime_version}, {e.key.gpu_name} "
+                     f"({e.key.compute_capability}), {e.key.precision} -> {e.file} [{'current' if ok else why}]")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m robometer_ros.engine.bundle BUNDLE``: validate a bundle and print what it holds."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m robometer_ros.engine.bundle",
+                                     description="Validate a robometer bundle and describe it.")
+    parser.add_argument("bundle")
+    parser.add_argument("--no-verify-checksums", action="store_true",
+                        help="skip hashing the files (sizes, names and ONNX shapes are still checked)")
+    args = parser.parse_args(argv)
+    try:
+        bundle = Bundle.open(args.bundle, verify_checksums=not args.no_verify_checksums)
+        print(describe(bundle))
+    except BundleError as exc:
+        print(f"invalid bundle: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -199,3 +199,14 @@ def test_corrupt_engine_index(bundle_copy: Path) -> None:
     (bundle_copy / "engines" / "index.json").write_text(json.dumps({"schema_version": 7, "engines": []}))
     with pytest.raises(BundleError, match="unknown engine index schema_version 7"):
         Bundle.open(bundle_copy).engines()
+
+
+def test_describe_cli(tiny_bundle, bundle_copy: Path, capsys) -> None:
+    from robometer_ros.engine.bundle import main
+
+    assert main([str(tiny_bundle.path)]) == 0
+    out = capsys.readouterr().out
+    assert "frame 64x96, grid (1, 4, 6), 6 tokens/frame" in out and "engines: none" in out
+    (bundle_copy / "onnx" / "vision.onnx").unlink()
+    assert main([str(bundle_copy), "--no-verify-checksums"]) == 1
+    assert "invalid bundle" in capsys.readouterr().err
