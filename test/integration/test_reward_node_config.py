@@ -53,6 +53,18 @@ def test_params_file_lists_every_parameter_with_the_declared_default() -> None:
         assert lines[index - 1].strip().startswith("#"), f"{spec.name} has no comment"
 
 
+def test_parameter_descriptors_carry_ranges_choices_and_read_only() -> None:
+    specs = {spec.name: spec.descriptor() for spec in PARAMETERS}
+    assert specs["autostart"].read_only and specs["diagnostics_period"].read_only
+    assert not specs["bundle"].read_only  # fixable while unconfigured, then configure again
+    assert "applied at configure" in specs["bundle"].additional_constraints
+    rate = specs["frame_rate"].floating_point_range[0]
+    assert (rate.from_value, rate.to_value) == (0.0, 1000.0)
+    assert specs["num_frames"].integer_range[0].from_value == 1
+    assert "one of: auto, tensorrt, onnxruntime, torch" in specs["backend"].additional_constraints
+    assert all(d.description for d in specs.values())
+
+
 def test_node_starts_from_the_params_file_and_walks_the_lifecycle(start_node, probe, tmp_path) -> None:
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
