@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    from robometer_ros.engine.bundle import BundleError
     from robometer_ros.training.data import DatasetError
     from robometer_ros.training.trainer import open_split
 
@@ -586,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         collection = open_split(args.dataset, args.split)
         predictor = open_predictor(args.model, args.backend, args.device, args.tokenizer_dir, args.frame_size,
                                    args.batch_size)
-    except (DatasetError, FileNotFoundError, ValueError) as error:
+    except (BundleError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"robometer-eval: {error}", file=sys.stderr)
         return 2
     options = EvalOptions(

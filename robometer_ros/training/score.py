@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-threshold", type=float, default=0.5, help="failure rule, see robometer-eval")
     args = parser.parse_args(argv)
 
+    from robometer_ros.engine.bundle import BundleError
     from robometer_ros.training.data import DatasetError
     from robometer_ros.training.trainer import open_split
 
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             trajectories = _bag_trajectories(args)
         predictor = open_predictor(args.model, args.backend, args.device, args.tokenizer_dir, args.frame_size,
                                    args.batch_size)
-    except (DatasetError, FileNotFoundError, ValueError) as error:
+    except (BundleError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"robometer-score: {error}", file=sys.stderr)
         return 2
     episodes = score_trajectories(predictor, trajectories, args.stride,

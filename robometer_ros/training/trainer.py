@@ -807,14 +807,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML recipe (see training/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
+    from robometer_ros.model.checkpoint import CheckpointError
+    from robometer_ros.training.data import DatasetError
+    from robometer_ros.training.sampling import SamplingError
+
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as error:
+        trainer = Trainer(config)
+        trainer.train()
+    except (CheckpointError, ConfigError, DatasetError, SamplingError, FileNotFoundError) as error:
         print(f"robometer-train: {error}", file=sys.stderr)
         return 2
-    trainer = Trainer(config)
-    try:
-        trainer.train()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -218,8 +218,12 @@ def test_resume_refuses_a_different_world_size(tmp_path: Path, squares: Path) ->
         Trainer(tiny_recipe(squares, tmp_path / "run", "optim.max_steps=4")).train()
 
 
-def test_cli_reports_bad_configs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_cli_reports_bad_configs(capsys: pytest.CaptureFixture[str], tmp_path: Path, squares: Path) -> None:
     assert main([str(RECIPES / "tiny_cpu.yaml"), f"data.dataset={tmp_path}", "optim.lr=-1"]) == 2
     assert "optim.lr must be > 0" in capsys.readouterr().err
     assert main([str(RECIPES / "tiny_cpu.yaml"), f"data.dataset={tmp_path}", "optim.lrr=1"]) == 2
     assert "did you mean optim.lr" in capsys.readouterr().err
+    assert main([str(RECIPES / "tiny_cpu.yaml"), f"data.dataset={tmp_path / 'none'}"]) == 2
+    assert "is not a dataset directory" in capsys.readouterr().err
+    assert main([str(RECIPES / "tiny_cpu.yaml"), f"data.dataset={squares}", f"model.init_checkpoint={tmp_path}"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
