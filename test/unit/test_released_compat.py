@@ -16,9 +16,12 @@ downloads it) or tiktoken is missing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
 import tempfile
+import types
 import unicodedata
 import zipfile
 from pathlib import Path
@@ -249,6 +252,57 @@ def test_preference_prompt_ids_equal_the_official_processor(tokenizer, hf_tokeni
     ids = expected["input_ids"][0]
     np.testing.assert_array_equal(layout.prog_positions, np.flatnonzero(ids == 151673))
     assert layout.pref_position.tolist() == np.flatnonzero(ids == 151671).tolist()
+
+
+@pytest.fixture
+def qwen_vl_utils(monkeypatch):
+    """qwen-vl-utils 0.0.14 (the official pin), which sizes the official pipeline's frames.
+
+    It imports torchvision at module level for its video readers only; torchvision cannot be installed next to
+    the CPU torch here, so a stub stands in for the import (the image path never touches it).
+    """
+    if importlib.util.find_spec("qwen_vl_utils") is None:
+        pytest.skip("qwen-vl-utils is not installed (requirements/dev.txt pins 0.0.14)")
+    if importlib.util.find_spec("torchvision") is None:
+        torchvision = types.ModuleType("torchvision")
+        io, transforms = types.ModuleType("torchvision.io"), types.ModuleType("torchvision.transforms")
+        transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
+        torchvision.__version__, torchvision.io, torchvision.transforms = "0.0", io, transforms
+        for name, module in (("torchvision", torchvision), ("torchvision.io", io),
+                             ("torchvision.transforms", transforms)):
+            monkeypatch.setitem(sys.modules, name, module)
+    loaded = [name for name in sys.modules if name.startswith("qwen_vl_utils")]
+    yield importlib.import_module("qwen_vl_utils")
+    for name in [n for n in sys.modules if n.startswith("qwen_vl_utils") and n not in loaded]:
+        del sys.modules[name]  # it holds the stub; a later import starts clean
+
+
+@pytest.mark.parametrize("camera", [CAMERA, (240, 427)], ids=["4:3", "16:9"])
+def test_frames_and_ids_equal_the_official_collator_path(qwen_vl_utils, tokenizer, hf_tokenizer, processor, camera):
+    # The official collator puts PIL frames into the conversation, sizes them with
+    # process_vision_info(image_patch_size=16) and calls the processor with do_resize=False.
+    from PIL import Image
+
+    from robometer_ros.preprocess import FramePreprocessor, frame_size_for
+
+    rng = np.random.default_rng(9)
+    frames = [rng.integers(0, 256, (*camera, 3), dtype=np.uint8) for _ in range(8)]
+    conversation = P.progress_conversation(INSTRUCTIONS[1], len(frames))
+    pictures = iter(frames)
+    for item in conversation[0]["content"]:
+        if item["type"] == "image":
+            item["image"] = Image.fromarray(next(pictures))
+    images, videos = qwen_vl_utils.process_vision_info(conversation, image_patch_size=16)
+    height, width = frame_size_for(*camera)  # the bundle's --frame-size for this camera
+    assert videos is None and {image.size for image in images} == {(width, height)}
+    expected = processor(text=[_render(hf_tokenizer, conversation)], images=images, do_resize=False,
+                         return_tensors="np")
+
+    preprocessor = FramePreprocessor(height, width)  # what RewardEngine does with each camera frame
+    np.testing.assert_array_equal(np.concatenate([preprocessor(f) for f in frames]), expected["pixel_values"])
+    layout = PromptBuilder(tokenizer).progress(INSTRUCTIONS[1], [preprocessor.grid_thw] * len(frames))
+    np.testing.assert_array_equal(layout.input_ids, expected["input_ids"])
+    np.testing.assert_array_equal(layout.image_grid_thw, expected["image_grid_thw"])
 
 
 @pytest.mark.parametrize("ignore_merges", [True, False])
