@@ -894,8 +894,8 @@ class RewardNode(LifecycleNode):
                 for event in episode.monitor.model_error(newest_stamp_ns / NS_PER_S, detail):
                     self._publish_event(episode, event, header, call_trigger=True)
             return
-        elapsed = time.monotonic() - started
-        inference_time = float(getattr(scores, "inference_time", elapsed))
+        # The whole step: encoding the frames it needed that were not cached yet, plus the scoring call.
+        inference_time = time.monotonic() - started
         with self._lock:
             if self._episode is not episode:
                 return  # the episode ended while we scored: its result is stale
