@@ -164,6 +164,13 @@ def test_recording_writes_a_bag_per_episode_that_reads_back(start_node, probe, t
     final = topics[f"{NODE}/episode"][-1][1]
     assert final.state == EpisodeStatus.STATE_ENDED and final.outcome == 2 and final.episode_id == episode_id
     assert f"{NODE}/failure_flag" in topics  # the end verdict (LOW_SUCCESS_AT_END) is on record
+
+    # The training importer reads the node's bag back as one labelled trajectory, colours intact.
+    from robometer_ros.training.bags import read_bag
+
+    (trajectory,) = read_bag(bag)
+    assert trajectory.instruction == "stack the cups" and trajectory.quality_label == "failure"
+    assert [int(f[0, 0, 0]) for f in trajectory.frames] == [round(0.1 * i * 255) for i in range(6)]
     assert node.stop() == 0
 
 
