@@ -462,15 +462,16 @@ def parity_check(model: Any, onnx_dir: Path, builder: Any, frame: FrameSpec, num
     rng = np.random.default_rng(seed)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sessions = {
-        part: ort.InferenceSession(str(onnx_dir / f"{part}.onnx"), options, providers=["CPUExecutionProvider"])
-        for part in (PART_VISION, PART_LANGUAGE, PART_LANGUAGE_PREFERENCE)
-    }
+    # One language session at a time: for a 4B model each holds the full decoder weights.
+    sessions: dict[str, Any] = {}
     grid = frame.grid_thw
     reports = []
 
     def run(part: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = sessions[part]
+        session = sessions.get(part)
+        if session is None:
+            session = sessions[part] = ort.InferenceSession(str(onnx_dir / f"{part}.onnx"), options,
+                                                            providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feed)))
 
@@ -478,39 +479,38 @@ def parity_check(model: Any, onnx_dir: Path, builder: Any, frame: FrameSpec, num
     pixels = rng.uniform(-1, 1, (frame.patches_per_frame, frame.patch_dim)).astype(np.float32)
     reports.append(_compare("vision, random pixels", _torch_vision(model, pixels, grid),
                             run(PART_VISION, {"pixel_values": pixels}), atol, rtol))
-
-    # 2. language parts on random tokens/features, frame count != the tracing example (dynamic axes)
-    hidden, k = model.hidden_size, model.num_deepstack
-    for frames, pref in ((max(1, num_frames // 2 + 1), False), (num_frames + 1, True)):
-        feed = _random_language_inputs(rng, model.config.vocab_size, builder.image_pad_id, builder.prog_token_id,
-                                       frame.tokens_per_frame, frames, hidden, k, grid, frame.merge_size)
-        part = PART_LANGUAGE
-        if pref:
-            part = PART_LANGUAGE_PREFERENCE
-            feed["pref_position"] = np.asarray([feed["input_ids"].shape[1] - 1], dtype=np.int64)
-        reports.append(_compare(f"{part}, random tokens, {frames} frames", _torch_language(model, feed, pref),
-                                run(part, feed), atol, rtol))
-
-    # 3. a real prompt on real frame features (ORT vision -> ORT language vs torch end to end)
     frames_px = [rng.uniform(-1, 1, (frame.patches_per_frame, frame.patch_dim)).astype(np.float32)
                  for _ in range(num_frames)]
     torch_feats = [_torch_vision(model, px, grid) for px in frames_px]
     ort_feats = [run(PART_VISION, {"pixel_values": px}) for px in frames_px]
+    sessions.pop(PART_VISION)
 
     def stack(feats: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         return (np.concatenate([f["visual_embeds"] for f in feats], 0),
                 np.concatenate([f["deepstack_embeds"] for f in feats], 1))
 
-    layout = builder.progress(PARITY_INSTRUCTION, [grid] * num_frames)
-    ref = _torch_language(model, _layout_feed(layout, *stack(torch_feats), False), False)
-    reports.append(_compare(f"language, real prompt, {num_frames} frames", ref,
-                            run(PART_LANGUAGE, _layout_feed(layout, *stack(ort_feats), False)), atol, rtol))
+    hidden, k = model.hidden_size, model.num_deepstack
     half = max(1, num_frames // 2)
-    layout = builder.preference(PARITY_INSTRUCTION, [grid] * half, [grid] * half)
-    feats_t, feats_o = torch_feats[:half] * 2, ort_feats[:half] * 2
-    ref = _torch_language(model, _layout_feed(layout, *stack(feats_t), True), True)
-    reports.append(_compare(f"language_preference, real prompt, {half}+{half} frames", ref,
-                            run(PART_LANGUAGE_PREFERENCE, _layout_feed(layout, *stack(feats_o), True)), atol, rtol))
+    for part, frames in ((PART_LANGUAGE, max(1, num_frames // 2 + 1)), (PART_LANGUAGE_PREFERENCE, num_frames + 1)):
+        pref = part == PART_LANGUAGE_PREFERENCE
+        # 2. random tokens/features, a frame count != the tracing example (exercises the dynamic axes)
+        feed = _random_language_inputs(rng, model.config.vocab_size, builder.image_pad_id, builder.prog_token_id,
+                                       frame.tokens_per_frame, frames, hidden, k, grid, frame.merge_size)
+        if pref:
+            feed["pref_position"] = np.asarray([feed["input_ids"].shape[1] - 1], dtype=np.int64)
+        reports.append(_compare(f"{part}, random tokens, {frames} frames", _torch_language(model, feed, pref),
+                                run(part, feed), atol, rtol))
+        # 3. a real prompt on real frame features (ORT vision -> ORT language vs torch end to end)
+        if pref:
+            layout = builder.preference(PARITY_INSTRUCTION, [grid] * half, [grid] * half)
+            feats_t, feats_o, case = torch_feats[:half] * 2, ort_feats[:half] * 2, f"{half}+{half} frames"
+        else:
+            layout = builder.progress(PARITY_INSTRUCTION, [grid] * num_frames)
+            feats_t, feats_o, case = torch_feats, ort_feats, f"{num_frames} frames"
+        ref = _torch_language(model, _layout_feed(layout, *stack(feats_t), pref), pref)
+        reports.append(_compare(f"{part}, real prompt, {case}", ref,
+                                run(part, _layout_feed(layout, *stack(feats_o), pref)), atol, rtol))
+        sessions.pop(part)
     for report in reports:
         log(f"parity {report}")
     return reports
