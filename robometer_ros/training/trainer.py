@@ -199,6 +199,8 @@ def build_model(config: TrainConfig, train_collection: TrajectoryCollection) -> 
         model, info = load_checkpoint(
             config.model.init_checkpoint, tokenizer_dir=config.model.tokenizer_dir, dtype=torch.float32
         )
+        # The saved model (and the bundle exported from it) scores as many frames as it was trained on.
+        model.config.num_frames = config.data.num_frames
         return model, info.tokenizer
     preset = config.model.preset
     if preset in ("tiny", "mid"):
