@@ -47,6 +47,28 @@ def _trt_cache_dir(bundle: Bundle) -> str:
     return str(fallback)
 
 
+def trt_ep_profile_options(bundle: Bundle, part: str) -> dict[str, str]:
+    """TensorRT EP optimization-profile options for a part's dynamic inputs, from the manifest's ranges.
+
+    Without them the EP builds an engine for the first shapes it sees and rebuilds (seconds to minutes
+    for a 4B model) whenever a later prompt is longer; with them one engine covers the whole range.
+    """
+    from robometer_ros.engine.tensorrt_build import axis_ranges
+
+    ranges = axis_ranges(bundle, part)
+    spec = bundle.part(part)
+    shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
+    for tensor in spec.inputs:
+        if not tensor.dynamic_axes:
+            continue
+        for which, index in (("min", 0), ("opt", 1), ("max", 2)):
+            dims = [str(d) if isinstance(d, int) else str(ranges[d][index]) for d in tensor.shape]
+            shapes[which].append(f"{tensor.name}:{'x'.join(dims)}")
+    if not shapes["min"]:
+        return {}
+    return {f"trt_profile_{which}_shapes": ",".join(items) for which, items in shapes.items()}
+
+
 class OnnxRuntimeRuntime(Runtime):
     """The bundle's ONNX parts in ONNX Runtime sessions (the preference session is created on first use)."""
 
@@ -107,8 +129,12 @@ class OnnxRuntimeRuntime(Runtime):
         if not self._allow_spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = self.bundle.part_path(part)
+        provider_options = [dict(o) for o in self._provider_options]
+        for name, opts in zip(self.requested_providers, provider_options):
+            if name == "TensorrtExecutionProvider":
+                opts.update(trt_ep_profile_options(self.bundle, part))
         session = self._ort.InferenceSession(
-            str(path), options, providers=self.requested_providers, provider_options=self._provider_options
+            str(path), options, providers=self.requested_providers, provider_options=provider_options
         )
         actual = list(session.get_providers())
         self.providers_in_use[part] = actual

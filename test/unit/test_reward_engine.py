@@ -266,3 +266,16 @@ def test_onnxruntime_path_never_imports_torch(tiny_bundle) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["onnxruntime:CPUExecutionProvider", "False", "False"], out.stderr
+
+
+def test_tensorrt_ep_profiles_cover_the_manifest_ranges(tiny_bundle) -> None:
+    from robometer_ros.engine.ort_runtime import trt_ep_profile_options
+
+    assert trt_ep_profile_options(tiny_bundle.bundle, "vision") == {}  # fixed shapes
+    options = trt_ep_profile_options(tiny_bundle.bundle, "language")
+    seq = tiny_bundle.bundle.manifest.sequence
+    assert f"input_ids:1x{seq.min_length}" in options["trt_profile_min_shapes"].split(",")
+    assert f"position_ids:3x1x{seq.max_length}" in options["trt_profile_max_shapes"].split(",")
+    assert "visual_embeds:48x64" in options["trt_profile_opt_shapes"].split(",")
+    assert "prog_positions:1" in options["trt_profile_min_shapes"].split(",")
+    assert "pref_position" not in options["trt_profile_max_shapes"]
