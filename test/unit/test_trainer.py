@@ -208,6 +208,23 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path: Path,
     assert kept == ["step-0000003", "step-0000006"]
 
 
+def test_lora_finetune_from_a_saved_checkpoint_saves_a_merged_plain_model(tmp_path: Path, squares: Path) -> None:
+    Trainer(tiny_recipe(squares, tmp_path / "base", "optim.max_steps=2")).train()
+    Trainer(tiny_recipe(squares, tmp_path / "lora", "optim.max_steps=2", "optim.lr=5e-2", "lora.enabled=true",
+                        "lora.r=4", f"model.init_checkpoint={tmp_path / 'base' / 'final'}")).train()
+    base = load_file(str(tmp_path / "base" / "final" / "model.safetensors"))
+    tuned = load_file(str(tmp_path / "lora" / "final" / "model.safetensors"))
+    assert base.keys() == tuned.keys()  # plain released layout: no lora_* / base_layer keys
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert any(".self_attn.q_proj.weight" in k for k in changed)  # LoRA merged into the projections
+    assert any(k.startswith("progress_head.") for k in changed)  # heads trained in full
+    assert not any(k.startswith("model.visual.") or "embed_tokens" in k or "norm" in k for k in changed)
+    from robometer_ros.model.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(tmp_path / "lora" / "final")
+    assert info.tokenizer.get_vocab_size() == model.config.vocab_size
+
+
 def test_resume_refuses_a_different_world_size(tmp_path: Path, squares: Path) -> None:
     Trainer(tiny_recipe(squares, tmp_path / "run", "optim.max_steps=4")).train(stop_at_step=1)
     state_file = tmp_path / "run" / "checkpoints" / "step-0000001" / "training_state.pt"
