@@ -529,3 +529,33 @@ def test_engine_on_the_exported_release_equals_the_reference_forward(released, p
                         (ids == 151671).nonzero().flatten())
     assert probability == pytest.approx(float(torch.sigmoid(ref["preference_logit"]).reshape(-1)[0]), abs=1e-5)
     engine.close()
+
+
+@pytest.mark.slow  # a second export (~10 s)
+def test_fp16_export_of_the_release_stays_close_to_the_fp32_reference(released, base_dir, tmp_path):
+    # docs/REAL_ROBOT.md recommends --fp16 for robots: bf16 shards -> fp16 ONNX, scored by ONNX Runtime (CPU here).
+    from robometer_ros.engine.reward_engine import RewardEngine
+    from robometer_ros.preprocess import FramePreprocessor
+    from robometer_ros.training import export
+
+    checkpoint, _, reference, _ = released
+    bundle_dir = tmp_path / "bundle-fp16"
+    assert export.main([str(checkpoint), str(bundle_dir), "--base-model", str(base_dir), "--frame-size", "256x320",
+                        "--fp16"]) == 0
+    engine = RewardEngine(bundle_dir, backend="onnxruntime", intra_op_threads=1)
+    assert engine.bundle.manifest.precision == "fp16"
+    frames = _camera_frames(8, seed=6)
+    for i, frame in enumerate(frames):
+        engine.add_frame(i, frame)
+    scores = engine.score(INSTRUCTIONS[0], list(range(8)))
+    preprocessor = FramePreprocessor(256, 320)
+    layout = PromptBuilder(load_tokenizer(base_dir)).progress(INSTRUCTIONS[0], [preprocessor.grid_thw] * 8)
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(layout.input_ids),
+                        torch.from_numpy(np.concatenate([preprocessor(f) for f in frames])),
+                        torch.from_numpy(layout.image_grid_thw), torch.from_numpy(layout.mm_token_type_ids),
+                        torch.from_numpy(layout.prog_positions))
+    # fp16 weights vs the fp32 reference on the tiny model: observed max |diff| ~3e-4
+    np.testing.assert_allclose(scores.progress_logits, ref["progress_logits"].numpy(), atol=1e-2, rtol=0)
+    np.testing.assert_allclose(scores.success_logits, ref["success_logits"].numpy(), atol=1e-2, rtol=0)
+    engine.close()
