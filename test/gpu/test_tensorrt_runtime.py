@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_bundle import TINY_INSTRUCTION, copy_bundle, random_frames
 
+from fixtures_bundle import TINY_INSTRUCTION, copy_bundle, random_frames
 from robometer_ros.engine.bundle import Bundle
 from robometer_ros.engine.reward_engine import RewardEngine
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures_bundle import TINY_FRAME_SIZE, copy_bundle
 
+from fixtures_bundle import TINY_FRAME_SIZE, copy_bundle
 from robometer_ros.engine.bundle import (
     PART_LANGUAGE,
     PART_NAMES,

@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from fixtures_bundle import TINY_FRAME_SIZE, TINY_INSTRUCTION, build_tiny_bundle, random_frames
 
+from fixtures_bundle import TINY_FRAME_SIZE, TINY_INSTRUCTION, build_tiny_bundle, random_frames
 from robometer_ros.engine.bundle import PART_NAMES, Bundle, BundleError
 from robometer_ros.model.checkpoint import save_checkpoint
 from robometer_ros.model.prompt import PromptBuilder

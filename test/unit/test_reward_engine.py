@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-from fixtures_bundle import TINY_INSTRUCTION, random_frames
 
+from fixtures_bundle import TINY_INSTRUCTION, random_frames
 from robometer_ros.engine.reward_engine import ModelOutputError, RewardEngine, Scores, UnknownFrameError
 from robometer_ros.engine.runtime import HeadOutputs, create_runtime
 from robometer_ros.engine.torch_runtime import TorchRuntime

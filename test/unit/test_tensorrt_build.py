@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures_bundle import copy_bundle
 
+from fixtures_bundle import copy_bundle
 from robometer_ros.engine import tensorrt_build
 from robometer_ros.engine.bundle import PART_LANGUAGE, PART_LANGUAGE_PREFERENCE, PART_VISION, Bundle
 from robometer_ros.engine.runtime import RuntimeUnavailableError, create_runtime
