@@ -264,17 +264,11 @@ class FrameStore:
         if isinstance(stamp_ns, bool) or not isinstance(stamp_ns, (int, np.integer)) or stamp_ns < 0:
             raise ValueError(f"stamp_ns must be a non-negative integer (nanoseconds), got {stamp_ns!r}")
         stamp_ns = int(stamp_ns)
-        newest = self._newest_stamp_ns
-        if newest is not None:
-            if stamp_ns == newest:
-                self.counters.dropped_duplicate += 1
-                return Admission(AdmissionStatus.DROPPED_DUPLICATE, frame_id)
-            if stamp_ns < newest:
-                self.counters.dropped_out_of_order += 1
-                return Admission(AdmissionStatus.DROPPED_OUT_OF_ORDER, frame_id)
-        if self._next_due_ns is not None and stamp_ns < self._next_due_ns - self._tolerance_ns:
-            self.counters.dropped_rate += 1
-            return Admission(AdmissionStatus.DROPPED_RATE, frame_id)
+        status = self.would_admit(stamp_ns)
+        if status is not AdmissionStatus.ADMITTED:
+            # The drop statuses are named after their counters.
+            setattr(self.counters, status.value, getattr(self.counters, status.value) + 1)
+            return Admission(status, frame_id)
         if frame_id in self._by_id:
             raise ValueError(f"frame id {frame_id!r} is already in the store; frame ids must be unique")
 
@@ -311,6 +305,22 @@ class FrameStore:
             self._by_id.pop(frame_id_out, None)
         self.counters.evicted += len(evicted)
         return Admission(AdmissionStatus.ADMITTED, frame_id, tuple(evicted))
+
+    def would_admit(self, stamp_ns: int) -> AdmissionStatus:
+        """What ``add`` would do with a frame stamped ``stamp_ns``, changing nothing.
+
+        Lets the caller skip decoding an image that would be dropped anyway (at 30 Hz with a 5 Hz admission
+        rate, five of six frames).
+        """
+        newest = self._newest_stamp_ns
+        if newest is not None:
+            if stamp_ns == newest:
+                return AdmissionStatus.DROPPED_DUPLICATE
+            if stamp_ns < newest:
+                return AdmissionStatus.DROPPED_OUT_OF_ORDER
+        if self._next_due_ns is not None and stamp_ns < self._next_due_ns - self._tolerance_ns:
+            return AdmissionStatus.DROPPED_RATE
+        return AdmissionStatus.ADMITTED
 
     # ------------------------------------------------------------------ selection
     def select(self, k: int = 8, pad: bool = True) -> list[tuple[int, Hashable]]:

@@ -637,6 +637,14 @@ class RewardNode(LifecycleNode):
     def _admit(self, msg: Any, convert: Callable[[Any], np.ndarray]) -> None:
         """Convert and admit one camera frame (executor thread; the model work is left to the worker)."""
         self._last_frame_monotonic = time.monotonic()
+        stamp_ns = stamp_to_ns(msg.header.stamp)
+        with self._lock:
+            episode = self._episode
+            if episode is not None and episode.store.would_admit(stamp_ns) is not AdmissionStatus.ADMITTED:
+                # Count the drop without decoding an image that nobody would look at.
+                self._received += 1
+                self._dropped[_ADMISSION_DROP_REASON[episode.store.add(stamp_ns, None).status]] += 1
+                return
         try:
             rgb = convert(msg)
         except ImageConversionError as err:
@@ -652,7 +660,6 @@ class RewardNode(LifecycleNode):
                 self.get_logger().warning(f"bad image on {self._image_topic_name()}: {err} "
                                           f"({self._bad_images[err.reason]} so far)")
             return
-        stamp_ns = stamp_to_ns(msg.header.stamp)
         with self._lock:
             self._received += 1
             episode = self._episode

@@ -26,6 +26,7 @@ from reward_node_helpers import (
     node_args,
     publish_instruction,
     raw_image,
+    stamp,
     stamp_ns,
 )
 from sensor_msgs.msg import CompressedImage, Image
@@ -111,7 +112,7 @@ def test_compressed_jpeg_and_png_and_garbage(start_node, probe, tmp_path):
         if i == 10:
             garbage = CompressedImage(format="jpeg")
             garbage.data = b"\xff\xd8 not a jpeg at all"
-            garbage.header.stamp = msgs[-1][0].header.stamp
+            garbage.header.stamp = stamp(camera.take_stamp())  # a fresh stamp: it is decoded, not a duplicate
             msgs.append((garbage, None))
     camera.publish(msgs)
     last_stamp = camera.sent[-1].t_ns

@@ -209,3 +209,19 @@ def test_clear_returns_every_kept_id() -> None:
     assert sorted(store.clear()) == sorted(kept)
     assert len(store) == 0 and store.select(8) == []
     assert sorted(evicted + kept) == list(range(50))
+
+
+def test_would_admit_predicts_add_without_changing_anything():
+    store = FrameStore(admission_rate_hz=10.0, max_frames=16)
+    offered = [0, 30_000_000, 100_000_000, 100_000_000, 50_000_000, 200_000_000, 230_000_000, 320_000_000]
+    for i, stamp in enumerate(offered):
+        before = (store.counters.admitted, store.counters.dropped, len(store))
+        predicted = store.would_admit(stamp)
+        assert (store.counters.admitted, store.counters.dropped, len(store)) == before
+        assert store.add(stamp, i).status is predicted
+    assert [store.would_admit(s) for s in (320_000_000, 10_000_000, 330_000_000, 420_000_000)] == [
+        AdmissionStatus.DROPPED_DUPLICATE,
+        AdmissionStatus.DROPPED_OUT_OF_ORDER,
+        AdmissionStatus.DROPPED_RATE,
+        AdmissionStatus.ADMITTED,
+    ]
