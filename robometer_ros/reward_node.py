@@ -238,6 +238,9 @@ def stamp_to_ns(stamp: TimeMsg) -> int:
     return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
 
 
+# A frame stamped this much before the newest admitted one means camera time was reset.
+_TIME_RESET_NS = 1_000_000_000
+
 _ADMISSION_DROP_REASON = {
     AdmissionStatus.DROPPED_RATE: "rate",
     AdmissionStatus.DROPPED_DUPLICATE: "duplicate_stamp",
@@ -638,13 +641,22 @@ class RewardNode(LifecycleNode):
         """Convert and admit one camera frame (executor thread; the model work is left to the worker)."""
         self._last_frame_monotonic = time.monotonic()
         stamp_ns = stamp_to_ns(msg.header.stamp)
+        restarted = None
         with self._lock:
             episode = self._episode
-            if episode is not None and episode.store.would_admit(stamp_ns) is not AdmissionStatus.ADMITTED:
+            newest = episode.store.newest_stamp_ns if episode is not None else None
+            if newest is not None and newest - stamp_ns > _TIME_RESET_NS:
+                # Camera time went back by more than any transport reorders frames: a simulator reset or a
+                # looping bag. The old episode's frames cannot be compared with these, so start anew.
+                restarted = self._start_episode_locked(episode.instruction)
+                episode = self._episode
+            elif episode is not None and episode.store.would_admit(stamp_ns) is not AdmissionStatus.ADMITTED:
                 # Count the drop without decoding an image that nobody would look at.
                 self._received += 1
                 self._dropped[_ADMISSION_DROP_REASON[episode.store.add(stamp_ns, None).status]] += 1
                 return
+        if restarted is not None:
+            self._log_episode_change(*restarted, "camera time jumped back")
         try:
             rgb = convert(msg)
         except ImageConversionError as err:

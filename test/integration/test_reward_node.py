@@ -196,6 +196,29 @@ def test_episodes_follow_instruction_reset_and_end(start_node, probe, tmp_path):
     assert not bad.success and "outcome must be" in bad.message
 
 
+def test_camera_time_reset_starts_a_new_episode(start_node, probe, tmp_path):
+    """A looping bag or a simulator reset: stamps jump back before the episode began -> a new episode."""
+    node, rewards = start_scored_node(start_node, probe, tmp_path, camera_qos="reliable")
+    statuses = probe.subscribe(f"{NODE}/episode", EpisodeStatus, LATCHED)
+    publish_instruction(probe, TASK)
+    start_ns = 1_700_000_000_000_000_000
+    for lap in range(2):  # the same stamps twice, as a bag replayed in a loop sends them
+        # 1.2 s of camera time per lap: a jump back by more than 1 s is a reset, less is reordering.
+        camera = Camera(probe.publisher("/camera/image", Image, RELIABLE), rate_hz=10.0, start_ns=start_ns)
+        msgs = []
+        for _ in range(13):
+            t = camera.take_stamp()
+            msgs.append((raw_image(colour_frame(0.4), "rgb8", t), SentFrame(t, 0.4, 0.0, "rgb8")))
+        camera.publish(msgs)
+        last = camera.sent[-1].t_ns
+        rewards.wait_for(lap + 1, timeout=20, predicate=lambda r, last=last: stamp_ns(r.header.stamp) == last)
+    laps = [r.episode_id for r in rewards.messages if stamp_ns(r.header.stamp) == last]
+    assert len(set(laps)) == 2, "the replayed frames must be scored in a new episode, not dropped as old"
+    node.wait_for_output("camera time jumped back")
+    ended = statuses.wait_for(1, predicate=lambda s: s.episode_id == laps[0] and s.state == EpisodeStatus.STATE_ENDED)
+    assert ended[0].instruction == TASK
+
+
 def test_failure_flag_is_latched_for_a_late_subscriber_and_calls_the_trigger(start_node, probe, tmp_path):
     calls: list[float] = []
     called = threading.Event()
