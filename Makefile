@@ -33,3 +33,29 @@ bench: setup
 
 clean:
 	rm -rf build install log demo_out
+
+# ---- the embedded default model (issue 6): data -> train -> eval -> export, from scratch (~1 h on 2 cores)
+.PHONY: default-model demo-bags
+MW_DATA ?= data/metaworld
+MW_RUN ?= runs/default
+MW_TRAIN_TASKS := door-open-v3 door-close-v3 drawer-open-v3 drawer-close-v3 button-press-topdown-v3 \
+	coffee-button-v3 lever-pull-v3 plate-slide-v3 handle-pull-v3 window-open-v3
+MW_HELDOUT_TASKS := button-press-v3 plate-slide-back-v3 window-close-v3
+MW_GEN := MUJOCO_GL=egl $(VENV)/bin/robometer-dataset from-metaworld --size 96 --frames 32 --codec png --workers 2
+
+default-model: setup
+	rm -rf $(MW_DATA) $(MW_RUN)
+	$(MW_GEN) --tasks $(MW_TRAIN_TASKS) --episodes-per-task 30 --seed 0 --out $(MW_DATA)/train
+	$(MW_GEN) --tasks $(MW_TRAIN_TASKS) --episodes-per-task 6 --seed 1 --out $(MW_DATA)/eval_seeds
+	$(MW_GEN) --tasks $(MW_HELDOUT_TASKS) --episodes-per-task 10 --seed 1 --out $(MW_DATA)/eval_tasks
+	$(PY) -m robometer_ros.training.metaworld init-model $(MW_RUN)/init
+	OMP_NUM_THREADS=1 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
+		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA)
+	$(VENV)/bin/robometer-export $(MW_RUN)/train/best bundles/default --frame-size 64x64 \
+		--model-id robometer-metaworld-demo --model-version 1 --overwrite
+	$(VENV)/bin/robometer-eval bundles/default --dataset $(MW_DATA) --split eval_seeds --out $(MW_RUN)/eval_seeds
+	$(VENV)/bin/robometer-eval bundles/default --dataset $(MW_DATA) --split eval_tasks --out $(MW_RUN)/eval_tasks
+
+demo-bags: setup
+	rm -rf demo_bags
+	MUJOCO_GL=egl $(PY) -m robometer_ros.demo make-bags --out demo_bags
