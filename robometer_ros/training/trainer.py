@@ -59,7 +59,8 @@ from robometer_ros.training.data import TrajectoryCollection
 from robometer_ros.training.losses import LossWeights, robometer_loss
 from robometer_ros.training.sampling import PairSampler, SamplingConfig, Strategy
 
-STATE_FILE = "training_state.pt"
+STATE_FILE = "training_state.pt"  # model + optimizer (full, unsharded)
+PROGRESS_FILE = "trainer_state.pt"  # step, scheduler, best score, world size, config (small)
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -373,18 +374,27 @@ def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) 
 
 
 def _load_full_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict, fsdp: bool
+    model: nn.Module, optimizer: torch.optim.Optimizer, state_file: Path, fsdp: bool, is_main: bool
 ) -> None:
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(
-            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-            options=StateDictOptions(full_state_dict=True),
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
         )
+
+        # Only rank 0 reads the (for the 4B: tens of GB) file; the shards are broadcast from it. Model and
+        # optimizer are set in two calls: the combined set_state_dict lets the other ranks return early
+        # from the model broadcast when they pass empty dicts (torch 2.13), which deadlocks rank 0.
+        full = torch.load(state_file, map_location="cpu", weights_only=False) if is_main else {
+            "model": {}, "optimizer": {}}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full["model"], options=options)
+        set_optimizer_state_dict(model, optimizer, full["optimizer"], options=options)
         return
-    unwrap(model).load_state_dict(model_state)
-    optimizer.load_state_dict(optim_state)
+    full = torch.load(state_file, map_location="cpu", weights_only=False)
+    unwrap(model).load_state_dict(full["model"])
+    optimizer.load_state_dict(full["optimizer"])
 
 
 def rng_state() -> dict[str, Any]:
@@ -413,7 +423,8 @@ def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()
+             and (p / PROGRESS_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
@@ -426,9 +437,31 @@ def resolve_resume(config: TrainConfig) -> Path | None:
         found = list_checkpoints(config.output_dir)
         return found[-1] if found else None
     path = Path(choice)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"checkpoint.resume {choice}: no {STATE_FILE} there")
+    missing = [name for name in (STATE_FILE, PROGRESS_FILE) if not (path / name).is_file()]
+    if missing:
+        raise ConfigError(f"checkpoint.resume {choice}: no {' / '.join(missing)} there")
     return path
+
+
+class _PlainWeights:
+    """What save_checkpoint needs of a model (``config``, ``state_dict()``) for a state dict in the plain
+    RobometerModel layout, checked against that layout on the meta device (no second full-size model)."""
+
+    def __init__(self, config: Any, state: dict[str, torch.Tensor]) -> None:
+        with torch.device("meta"):
+            reference = RobometerModel(config)
+        expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != got:
+            missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+            wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+            raise RuntimeError(f"model state does not match RobometerModel: missing {missing[:5]}, "
+                               f"unexpected {extra[:5]}, mis-shaped {wrong[:5]}")
+        self.config = config
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -490,17 +523,16 @@ class Trainer:
         model_state, optim_state = _full_state(self.model, self.optimizer, self.fsdp)
         torch.save(rng_state(), temporary / f"rng-rank{self.env.rank}.pt")
         if self.env.is_main:
+            torch.save({"model": model_state, "optimizer": optim_state}, temporary / STATE_FILE)
             torch.save(
                 {
                     "step": self.step,
-                    "model": model_state,
-                    "optimizer": optim_state,
                     "scheduler": self.scheduler.state_dict(),
                     "best_score": self.best_score,
                     "world_size": self.env.world_size,
                     "config": self.config.to_dict(),
                 },
-                temporary / STATE_FILE,
+                temporary / PROGRESS_FILE,
             )
         self.env.barrier()
         if self.env.is_main:
@@ -513,13 +545,13 @@ class Trainer:
 
     def load_state(self, path: Path) -> None:
         """Restore model, optimizer, scheduler, step, best score and this rank's RNGs from a checkpoint."""
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(path / PROGRESS_FILE, map_location="cpu", weights_only=False)
         if state["world_size"] != self.env.world_size:
             raise ConfigError(
                 f"{path} was written by {state['world_size']} ranks; resume it with the same number "
                 f"(this job has {self.env.world_size}) or set checkpoint.resume=none"
             )
-        _load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.fsdp)
+        _load_full_state(self.model, self.optimizer, path / STATE_FILE, self.fsdp, self.env.is_main)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.best_score = state.get("best_score")
@@ -542,11 +574,11 @@ class Trainer:
             state = {k.removeprefix("robometer."): v.detach().cpu() for k, v in state.items()}
             if self.config.lora.enabled:
                 state = lora_merged_state_dict(state, self.config)
-            plain = RobometerModel(self.robometer.config)
-            plain.load_state_dict(state)
+            weights = _PlainWeights(self.robometer.config, state)
             temporary = directory.with_name(f".{directory.name}.tmp")
             shutil.rmtree(temporary, ignore_errors=True)
-            checkpoint_io.save_checkpoint(plain, self.tokenizer, temporary)
+            # bf16 training saves bf16 weights, as the released checkpoint; fp32 training saves fp32.
+            checkpoint_io.save_checkpoint(weights, self.tokenizer, temporary, dtype=self.amp_dtype or torch.float32)
             write_training_info(temporary, self.config, self.step)
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(temporary, directory)

@@ -32,19 +32,19 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory, squares: Path) -> Path:
     return out
 
 
-def run_two_ranks(data: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+def run_two_ranks(data: Path, out: Path, *overrides: str, stop_at: int | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'test'}"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        str(WORKER), str(REPO / "training" / "tiny_cpu.yaml"),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(WORKER),
+        *(["--stop-at", str(stop_at)] if stop_at is not None else []), str(REPO / "training" / "tiny_cpu.yaml"),
         f"data.dataset={data}", f"output_dir={out}", f"optim.max_steps={STEPS}", "optim.lr=3e-3",
         "optim.batch_size=1", "optim.grad_accum_steps=2", "log.every=1", "log.progress_bar=false",
         "log.tensorboard=false", "data.eval_split=val", "eval.every=5", "eval.max_pairs=3",
         "checkpoint.every=5", *overrides,
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    # A timeout here means a collective deadlocked (e.g. the sharded-state broadcast on resume).
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 def ranks_agree(out: Path) -> dict[str, torch.Tensor]:
@@ -82,9 +82,12 @@ def test_ddp_ranks_agree_and_the_loss_falls(ddp_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp_matches_ddp(tmp_path: Path, squares: Path, ddp_run: Path) -> None:
-    """FSDP (per vision block / decoder layer) on gloo gives the same model as DDP on the same pairs,
-    and its sharded checkpoints and gathered final model are written the same way."""
+def test_fsdp_with_a_resume_matches_ddp(tmp_path: Path, squares: Path, ddp_run: Path) -> None:
+    """FSDP (per vision block / decoder layer) on gloo, stopped at step 7 and resumed from its checkpoint
+    (rank 0 reads it and broadcasts the shards), ends with the model DDP reached without stopping."""
+    run_two_ranks(squares, tmp_path / "fsdp", "distributed.strategy=fsdp", stop_at=7)
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir()) == ["step-0000005", "step-0000007"]
+    assert not (tmp_path / "fsdp" / "final").exists()
     run_two_ranks(squares, tmp_path / "fsdp", "distributed.strategy=fsdp")
     ddp, fsdp = ranks_agree(ddp_run), ranks_agree(tmp_path / "fsdp")
     assert ddp.keys() == fsdp.keys()

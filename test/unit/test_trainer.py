@@ -227,7 +227,7 @@ def test_lora_finetune_from_a_saved_checkpoint_saves_a_merged_plain_model(tmp_pa
 
 def test_resume_refuses_a_different_world_size(tmp_path: Path, squares: Path) -> None:
     Trainer(tiny_recipe(squares, tmp_path / "run", "optim.max_steps=4")).train(stop_at_step=1)
-    state_file = tmp_path / "run" / "checkpoints" / "step-0000001" / "training_state.pt"
+    state_file = tmp_path / "run" / "checkpoints" / "step-0000001" / "trainer_state.pt"
     state = torch.load(state_file, weights_only=False)
     state["world_size"] = 2
     torch.save(state, state_file)
