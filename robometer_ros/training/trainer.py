@@ -18,9 +18,11 @@ Output directory:
     config.yaml                      the resolved config
     train_log.jsonl                  one line per logged step (loss terms, lr, grad norm, throughput)
     tensorboard/                     the same scalars for TensorBoard
-    checkpoints/step-0000020/        resumable state: training_state.pt (model, optimizer, scheduler,
-                                     step) + rng-rank{r}.pt per rank; written to a temporary name and
-                                     renamed, so a crash never leaves a half checkpoint
+    checkpoints/step-0000020/        resumable state: training_state.pt (full model + optimizer),
+                                     trainer_state.pt (step, scheduler, best score, world size, config),
+                                     rng-rank{r}.pt per rank; written under a temporary name and renamed,
+                                     so a crash never leaves a half checkpoint (multi-node: output_dir
+                                     must be on a filesystem every node sees)
     final/, best/                    the model in the released Robometer layout (LoRA merged), which
                                      `robometer-export` and `robometer-eval` take
     eval/step-0000020/               periodic held-out evaluation (metrics.json, plots)
