@@ -298,9 +298,10 @@ def wrap_model(
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    # find_unused_parameters: the preference head is unused when the preference weight is 0, and
-    # frozen modules have no gradients at all; DDP must not wait for them.
-    unused = config.loss.preference_weight == 0 or config.loss.success_weight == 0
+    # find_unused_parameters: a head whose loss weight is 0 gets no gradient, and DDP must not wait for
+    # it (frozen parameters are ignored by DDP anyway).
+    weights = (config.loss.preference_weight, config.loss.progress_weight, config.loss.success_weight)
+    unused = any(w == 0 for w in weights)
     # broadcast_buffers off: the only buffers are rotary constants, identical on every rank.
     return DistributedDataParallel(
         module, device_ids=device_ids, find_unused_parameters=unused, broadcast_buffers=False
