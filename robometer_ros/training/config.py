@@ -32,12 +32,15 @@ class ModelConfig:
     """Which model to train.
 
     Attributes:
-        preset: model factory used when `init_checkpoint` is null: "tiny" (CPU tests), "mid" (CPU demo);
-            "qwen3vl_4b" (Robometer-4B) always starts from `init_checkpoint`; FSDP is its default.
+        preset: model factory used when `init_checkpoint` and `base_model` are null: "tiny" (CPU tests),
+            "mid" (CPU demo); "qwen3vl_4b" (Robometer-4B) starts from `init_checkpoint` or `base_model`;
+            FSDP is its default.
         init_checkpoint: a checkpoint directory in the released Robometer layout (ours or the official
             Robometer-4B) to start from; overrides `preset` (required for qwen3vl_4b).
         tokenizer_dir: where tokenizer.json comes from when init_checkpoint ships none (the released
             Robometer-4B does not): the base Qwen3-VL-4B-Instruct directory.
+        base_model: a Hugging Face Qwen3-VL directory (e.g. Qwen3-VL-4B-Instruct: config.json, safetensors,
+            tokenizer.json) to start from with new heads, as the official training does.
         freeze_vision: keep the vision encoder (incl. merger) frozen (official default: true).
         gradient_checkpointing: recompute activations in the backward pass (saves memory, ~30% slower).
     """
@@ -45,6 +48,7 @@ class ModelConfig:
     preset: str = "tiny"
     init_checkpoint: str | None = None
     tokenizer_dir: str | None = None
+    base_model: str | None = None
     freeze_vision: bool = True
     gradient_checkpointing: bool = False
 
@@ -210,8 +214,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Check values that types alone cannot; raises ConfigError naming the key."""
         _check(self.model.preset in MODEL_PRESETS, "model.preset", f"must be one of {MODEL_PRESETS}")
-        _check(self.model.preset != "qwen3vl_4b" or bool(self.model.init_checkpoint), "model.init_checkpoint",
-               "is required with model.preset qwen3vl_4b (the Robometer-4B checkpoint directory)")
+        _check(self.model.preset != "qwen3vl_4b" or bool(self.model.init_checkpoint or self.model.base_model),
+               "model.init_checkpoint", "is required with model.preset qwen3vl_4b (the Robometer-4B checkpoint "
+               "directory), unless model.base_model names a Qwen3-VL-4B directory to start from")
+        _check(not (self.model.init_checkpoint and self.model.base_model), "model.base_model",
+               "and model.init_checkpoint are alternatives: set one")
         _check(bool(self.data.dataset), "data.dataset", "is required (a dataset directory)")
         _check(self.data.num_frames >= 2, "data.num_frames", "must be >= 2")
         _check(len(self.data.strategy_ratio) == 4, "data.strategy_ratio", "needs 4 weights")

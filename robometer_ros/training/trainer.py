@@ -205,6 +205,8 @@ def build_model(config: TrainConfig, train_collection: TrajectoryCollection) -> 
         # The saved model (and the bundle exported from it) scores as many frames as it was trained on.
         model.config.num_frames = config.data.num_frames
         return model, info.tokenizer
+    if config.model.base_model:
+        return init_from_base_model(config.model.base_model, config.data.num_frames, config.seed)
     preset = config.model.preset
     if preset in ("tiny", "mid"):
         from robometer_ros.model.tiny import SAMPLE_INSTRUCTIONS, config_for_tokenizer, tiny_tokenizer
@@ -216,9 +218,72 @@ def build_model(config: TrainConfig, train_collection: TrajectoryCollection) -> 
         return RobometerModel(model_config), tokenizer
     raise ConfigError(
         f"model.preset {preset} has no random-init recipe here: set model.init_checkpoint to a Robometer "
-        "checkpoint directory (e.g. the released Robometer-4B) and model.tokenizer_dir to the base "
-        "Qwen3-VL-4B-Instruct directory if the checkpoint ships no tokenizer.json"
+        "checkpoint directory (e.g. the released Robometer-4B; with model.tokenizer_dir = the base "
+        "Qwen3-VL-4B-Instruct directory if it ships no tokenizer.json) or model.base_model to a Qwen3-VL "
+        "directory to start from the backbone with new heads"
     )
+
+
+def init_from_base_model(directory: str | os.PathLike[str], num_frames: int, seed: int) -> tuple[RobometerModel, Any]:
+    """Robometer on a Hugging Face Qwen3-VL directory (config.json, safetensors, tokenizer.json), as the
+    official training starts: the five Robometer tokens are appended to the tokenizer, the embedding is cut
+    to the new vocabulary (as resize_token_embeddings does: the first len(tokenizer) rows are kept), the
+    backbone weights are copied and the three heads are new (seeded). lm_head is not used."""
+    from safetensors import safe_open
+    from transformers.initialization import no_init_weights
+
+    from robometer_ros.model.checkpoint import CheckpointError, weight_files
+    from robometer_ros.model.config import RobometerConfig
+    from robometer_ros.model.tokenizer import backbone_token_ids, load_tokenizer
+
+    root = Path(directory)
+    if not (root / "config.json").is_file():
+        raise CheckpointError(f"model.base_model {root}: no config.json (expected a Qwen3-VL model directory)")
+    tokenizer = load_tokenizer(root, add_robometer=True)
+    backbone = json.loads((root / "config.json").read_text())
+    for key in ("architectures", "auto_map", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        backbone.pop(key, None)
+    for sub in ("text_config", "vision_config"):
+        if not isinstance(backbone.get(sub), dict):
+            raise CheckpointError(f"model.base_model {root}: config.json has no {sub} (not a Qwen3-VL config)")
+        for key in ("dtype", "torch_dtype"):
+            backbone[sub].pop(key, None)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    config = RobometerConfig(backbone=backbone, num_frames=num_frames, base_model_id=root.name)
+    config = config.with_token_ids(backbone_token_ids(tokenizer), vocab_size=vocab)
+    with no_init_weights():
+        model = RobometerModel(config)
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in weight_files(root):
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                    if key not in params:
+                        continue  # lm_head, or anything else the reward model does not have
+                    tensor = handle.get_tensor(key)
+                    if key.endswith("embed_tokens.weight"):
+                        if tensor.shape[0] < vocab:
+                            raise CheckpointError(f"{file}: {key} has {tensor.shape[0]} rows, the tokenizer {vocab}")
+                        tensor = tensor[:vocab]
+                    if tuple(tensor.shape) != tuple(params[key].shape):
+                        raise CheckpointError(f"{file}: {key} is {list(tensor.shape)}, the model needs "
+                                              f"{list(params[key].shape)}")
+                    params[key].copy_(tensor.to(params[key].dtype))
+                    loaded.add(key)
+    missing = sorted(k for k in params if k not in loaded and not k.split(".")[0].endswith("_head"))
+    if missing:
+        raise CheckpointError(f"model.base_model {root} lacks {len(missing)} backbone weights: {missing[:8]}")
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for head in (model.progress_head, model.success_head, model.preference_head):
+            for module in head.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.float(), tokenizer
 
 
 def prepare_trainable(model: RobometerModel, config: TrainConfig) -> None:

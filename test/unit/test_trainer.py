@@ -244,3 +244,46 @@ def test_cli_reports_bad_configs(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert "is not a dataset directory" in capsys.readouterr().err
     assert main([str(RECIPES / "tiny_cpu.yaml"), f"data.dataset={squares}", f"model.init_checkpoint={tmp_path}"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def _hf_base_model(directory: Path, extra_rows: int = 16) -> torch.nn.Module:
+    """A tiny Qwen3-VL in the Hugging Face layout (Qwen3VLForConditionalGeneration.save_pretrained +
+    tokenizer.json), with more embedding rows than the tokenizer has tokens, like Qwen3-VL-4B-Instruct."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from robometer_ros.model.tiny import config_for_tokenizer, tiny_tokenizer
+    from robometer_ros.model.tokenizer import save_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    backbone = config_for_tokenizer(tokenizer, "tiny").backbone
+    backbone["text_config"]["vocab_size"] = tokenizer.get_vocab_size(with_added_tokens=True) + extra_rows
+    torch.manual_seed(11)
+    hf = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**backbone)).eval()
+    hf.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
+    return hf
+
+
+def test_start_from_a_hugging_face_qwen3vl_backbone(tmp_path: Path, squares: Path) -> None:
+    from robometer_ros.training.trainer import init_from_base_model
+
+    hf = _hf_base_model(tmp_path / "base")
+    model, tokenizer = init_from_base_model(tmp_path / "base", num_frames=8, seed=0)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    reference = hf.model.state_dict()
+    ours = model.model.state_dict()
+    assert ours.keys() == reference.keys()
+    for key, value in ours.items():
+        expected = reference[key][:vocab] if key.endswith("embed_tokens.weight") else reference[key]
+        assert torch.equal(value, expected), key
+    again, _ = init_from_base_model(tmp_path / "base", num_frames=8, seed=0)
+    other, _ = init_from_base_model(tmp_path / "base", num_frames=8, seed=1)
+    assert torch.equal(again.progress_head[0].weight, model.progress_head[0].weight)  # heads seeded
+    assert not torch.equal(other.progress_head[0].weight, model.progress_head[0].weight)
+    # and the trainer takes it (model.base_model), saving a Robometer checkpoint
+    base = f"model.base_model={tmp_path / 'base'}"
+    Trainer(tiny_recipe(squares, tmp_path / "run", "optim.max_steps=1", base)).train()
+    from robometer_ros.model.checkpoint import load_checkpoint
+
+    trained, _ = load_checkpoint(tmp_path / "run" / "final")
+    assert trained.config.vocab_size == vocab
