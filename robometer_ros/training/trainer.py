@@ -697,6 +697,16 @@ class Trainer:
             for key, value in scalars.items():
                 self._writer.add_scalar(key, value, self.step)
 
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the resumed step by the interrupted run (they are redone)."""
+        path = self.output_dir / "train_log.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(temporary, path)
+
     def close(self) -> None:
         """Flush logs (the process group is left to the caller)."""
         if self._writer is not None:
@@ -826,6 +836,8 @@ class Trainer:
         if resume is not None:
             self.load_state(resume)
             self._say(f"resumed from {resume} at step {self.step}")
+            if env.is_main:
+                self._truncate_log()
         accum = config.optim.grad_accum_steps
         pairs_per_step = config.optim.batch_size * accum * env.world_size
         progress = None

@@ -193,6 +193,8 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path: Path,
     Trainer(tiny_recipe(squares, tmp_path / "straight", *steps)).train()
     Trainer(tiny_recipe(squares, tmp_path / "resumed", *steps)).train(stop_at_step=3)
     assert sorted(_losses(tmp_path / "resumed")) == [1, 2, 3]
+    with open(tmp_path / "resumed" / "train_log.jsonl", "a") as log:  # logged after the checkpoint, then killed
+        log.write(json.dumps({"step": 4, "train/loss": -1.0}) + "\n")
     assert not (tmp_path / "resumed" / "final").exists()
     Trainer(tiny_recipe(squares, tmp_path / "resumed", *steps)).train()  # checkpoint.resume=auto
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
