@@ -88,15 +88,11 @@ class BatchCollator:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
         if self.frame_size is not None:
-            preprocessor = self._fixed_preprocessor()
-        else:
+            preprocessor = FramePreprocessor(*self.frame_size)
+        else:  # the stored size, rounded to multiples of 32 as the official pipeline does
             preprocessor = FramePreprocessor.for_camera(int(frames.shape[1]), int(frames.shape[2]))
         rows = [preprocessor(frame) for frame in frames]
         return np.concatenate(rows, axis=0), [preprocessor.grid_thw] * len(rows)
-
-    def _fixed_preprocessor(self) -> FramePreprocessor:
-        assert self.frame_size is not None
-        return FramePreprocessor(*self.frame_size)
 
     # ------------------------------------------------------------------ batches
     def _pad(self, layouts: Sequence[PromptLayout], pixel_chunks: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
