@@ -120,6 +120,21 @@ def test_training_batch_carries_side_a_targets(squares: Path) -> None:
     np.testing.assert_array_equal(batch["preference_label"].numpy(), [s.preference_label for s in samples])
 
 
+def test_collator_frame_sizes() -> None:
+    _, tokenizer = tiny_model()
+    frames = make_trajectories(1)[0].frames[:8]
+    fixed = BatchCollator(tokenizer, 2, (64, 64)).progress_batch(["a"], [frames])
+    stored = BatchCollator(tokenizer, 2, None).progress_batch(["a"], [frames])  # 64x64 is already a valid size
+    assert torch.equal(fixed["pixel_values"], stored["pixel_values"])
+    odd = np.zeros((8, 70, 90, 3), np.uint8)  # stored size rounded to multiples of 32: 64 x 96
+    batch = BatchCollator(tokenizer, 2, None).progress_batch(["a"], [odd])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 6]] * 8
+    resized = BatchCollator(tokenizer, 2, (32, 64)).progress_batch(["a"], [odd])
+    assert resized["image_grid_thw"].tolist() == [[1, 2, 4]] * 8
+    with pytest.raises(ValueError, match="uint8"):
+        BatchCollator(tokenizer, 2, None).progress_batch(["a"], [odd.astype(np.float32)])
+
+
 def test_freeze_vision_and_lora_choose_the_trainable_parameters() -> None:
     config = load_config(None, ["data.dataset=d", "model.freeze_vision=true"])
     model, _ = tiny_model()
