@@ -56,6 +56,8 @@ OPSET = 18
 #: protobuf's hard limit is 2 GiB; leave headroom for the graph itself
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 DEFAULT_MAX_INSTRUCTION_TOKENS = 128
+# 240-pixel short side of the released model's training videos, rounded up to 32, for a 4:3 camera.
+DEFAULT_FRAME_SIZE = (256, 320)
 #: (atol, rtol) of the exporter's parity check
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 2e-2)}
 #: instruction of the "real prompt" parity check (and the opt length of the sequence profile)
@@ -565,7 +567,7 @@ def export_bundle(
     tokenizer: Any,
     out_dir: str | Path,
     *,
-    frame_size: tuple[int, int] = (256, 320),
+    frame_size: tuple[int, int] = DEFAULT_FRAME_SIZE,
     num_frames: int | None = None,
     max_frames: int | None = None,
     model_id: str = "robometer",
@@ -730,6 +732,14 @@ def export_bundle(
 # CLI
 
 
+def _trained_frame_size(checkpoint: str) -> tuple[int, int] | None:
+    """The frame size our trainer recorded in the checkpoint's training.json (None for other checkpoints)."""
+    from robometer_ros.training.trainer import read_training_info
+
+    size = read_training_info(checkpoint).get("frame_size")
+    return (int(size[0]), int(size[1])) if size else None
+
+
 def _frame_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -750,8 +760,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_bundle", help="bundle directory to write")
     p.add_argument("--base-model", metavar="DIR",
                    help="base Qwen3-VL directory with tokenizer.json (for a released checkpoint without one)")
-    p.add_argument("--frame-size", type=_frame_size, default=(256, 320), metavar="HxW",
-                   help="fixed frame size of the vision part, multiples of 32 (default 256x320)")
+    default_size = "x".join(map(str, DEFAULT_FRAME_SIZE))
+    p.add_argument("--frame-size", type=_frame_size, metavar="HxW",
+                   help="fixed frame size of the vision part, multiples of 32 (default: the size the checkpoint was "
+                        f"trained at, from its training.json, else {default_size})")
     p.add_argument("--num-frames", type=int, help="frames per scored prompt (default: the model's, 8)")
     p.add_argument("--max-frames", type=int, help="largest frame count the TensorRT profiles serve")
     p.add_argument("--max-instruction-tokens", type=int, default=DEFAULT_MAX_INSTRUCTION_TOKENS)
@@ -781,11 +793,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.base_model is None and not (Path(args.checkpoint) / "tokenizer.json").is_file():
             raise ExportError(f"{args.checkpoint} ships no tokenizer.json (a released Robometer checkpoint has "
                               "none): pass --base-model DIR, the base Qwen3-VL-4B-Instruct download")
+        frame_size = args.frame_size or _trained_frame_size(args.checkpoint) or DEFAULT_FRAME_SIZE
         model, info = load_checkpoint(args.checkpoint, tokenizer_dir=args.base_model, device=args.device,
                                       dtype=torch.float16 if args.fp16 else torch.float32)
         bundle = export_bundle(
             model, info.tokenizer, args.out_bundle,
-            frame_size=args.frame_size, num_frames=args.num_frames, max_frames=args.max_frames,
+            frame_size=frame_size, num_frames=args.num_frames, max_frames=args.max_frames,
             model_id=args.model_id or Path(args.checkpoint).resolve().name, model_version=args.model_version,
             chat_template=info.chat_template, external_data=args.external_data, fp16=args.fp16,
             include_checkpoint=args.include_checkpoint, max_instruction_tokens=args.max_instruction_tokens,

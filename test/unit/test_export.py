@@ -4,6 +4,7 @@ data, the CLI on a checkpoint in the released layout, and torch vs ONNX Runtime 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,16 @@ def test_cli_exports_a_checkpoint(tiny_bundle, tmp_path: Path, capsys) -> None:
     # an existing bundle is not overwritten without --overwrite
     assert export.main([str(ckpt), str(out), "--frame-size", f"{h}x{w}"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_takes_the_frame_size_a_checkpoint_was_trained_at(tiny_bundle, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(tiny_bundle.model, tiny_bundle.tokenizer, ckpt)
+    h, w = TINY_FRAME_SIZE
+    (ckpt / "training.json").write_text(json.dumps({"frame_size": [h, w], "num_frames": 8}))
+    assert export.main([str(ckpt), str(tmp_path / "bundle"), "--num-frames", "4"]) == 0
+    frame = Bundle.open(tmp_path / "bundle").manifest.frame
+    assert (frame.height, frame.width) == (h, w) != export.DEFAULT_FRAME_SIZE
 
 
 def test_cli_rejects_a_frame_size_off_the_patch_grid(tiny_bundle, tmp_path: Path, capsys) -> None:
