@@ -51,6 +51,10 @@ default-model: setup
 	$(PY) -m robometer_ros.training.metaworld init-model $(MW_RUN)/init
 	OMP_NUM_THREADS=1 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
 		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA)
+	# second cosine cycle: resumes the run above at step 3000 and trains on to step 6000 with the official
+	# absolute_first_frame progress targets (the first frame of a segment is 0), which anchor the curve
+	OMP_NUM_THREADS=1 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
+		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA) optim.max_steps=6000 data.use_known_progress=false
 	$(VENV)/bin/robometer-export $(MW_RUN)/train/best bundles/default --frame-size 64x64 \
 		--model-id robometer-metaworld-demo --model-version 1 --overwrite
 	$(VENV)/bin/robometer-eval bundles/default --dataset $(MW_DATA) --split eval_seeds --out $(MW_RUN)/eval_seeds
