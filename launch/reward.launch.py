@@ -13,11 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from launch import LaunchContext, LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode
-
-from launch import LaunchContext, LaunchDescription
 
 PACKAGE = "robometer_ros"
 

@@ -11,6 +11,10 @@ import threading
 
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+
 from reward_node_helpers import (
     CAMERA_FRAME,
     LATCHED,
@@ -29,10 +33,6 @@ from reward_node_helpers import (
     stamp,
     stamp_ns,
 )
-from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import String
-from std_srvs.srv import Trigger
-
 from robometer_ros.msg import EpisodeStatus, FailureFlag, StepReward
 from robometer_ros.srv import EndEpisode
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from sensor_msgs.msg import Image
+
 from reward_node_helpers import (
     LATCHED,
     NODE,
@@ -21,8 +23,6 @@ from reward_node_helpers import (
     raw_image,
     stamp_ns,
 )
-from sensor_msgs.msg import Image
-
 from robometer_ros.msg import EpisodeStatus, StepReward
 from robometer_ros.reward_node import PARAMETERS
 from robometer_ros.srv import EndEpisode

@@ -6,12 +6,12 @@ import math
 
 import numpy as np
 import pytest
-from fixtures_bundle import tiny_bundle  # noqa: F401 - the session-scoped tiny bundle fixture
-from reward_node_helpers import CAMERA_FRAME, LATCHED_ONE, NODE, RELIABLE, SENSOR, Camera, node_args, stamp_ns
-from reward_node_helpers import raw_image as make_raw_image
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
+from fixtures_bundle import tiny_bundle  # noqa: F401 - the session-scoped tiny bundle fixture
+from reward_node_helpers import CAMERA_FRAME, LATCHED_ONE, NODE, RELIABLE, SENSOR, Camera, node_args, stamp_ns
+from reward_node_helpers import raw_image as make_raw_image
 from robometer_ros.msg import StepReward
 
 pytestmark = pytest.mark.slow

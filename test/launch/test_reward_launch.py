@@ -17,14 +17,14 @@ pytest.importorskip("launch_ros.actions")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from fixtures_bundle import tiny_bundle  # noqa: E402, F401 - the session-scoped tiny bundle fixture
+from launch import LaunchDescription  # noqa: E402
 from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
-from reward_node_helpers import LATCHED_ONE, RELIABLE, SENSOR, Camera, raw_image, stamp_ns  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from launch import LaunchDescription  # noqa: E402
+from fixtures_bundle import tiny_bundle  # noqa: E402, F401 - the session-scoped tiny bundle fixture
+from reward_node_helpers import LATCHED_ONE, RELIABLE, SENSOR, Camera, raw_image, stamp_ns  # noqa: E402
 from robometer_ros.msg import StepReward  # noqa: E402
 
 LAUNCH_FILE = Path(__file__).resolve().parents[2] / "launch" / "reward.launch.py"
