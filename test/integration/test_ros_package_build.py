@@ -60,7 +60,9 @@ def test_cmake_build_installs_a_complete_ros_package(tmp_path: Path):
         "from robometer_ros.srv import EndEpisode;"
         "print(robometer_ros.__file__, m.StepReward().reward_mode, EndEpisode.Request.OUTCOME_FAILURE)"
     )
-    run_env = {**env, "PYTHONPATH": str(site), "LD_LIBRARY_PATH": str(prefix / "lib"),
+    # Prepend, like `source install/setup.bash`: this process already carries the venv's library path.
+    library_path = os.pathsep.join(p for p in (str(prefix / "lib"), os.environ.get("LD_LIBRARY_PATH", "")) if p)
+    run_env = {**env, "PYTHONPATH": str(site), "LD_LIBRARY_PATH": library_path,
                "AMENT_PREFIX_PATH": f"{prefix}:{VENV}", "ROBOMETER_ROS_INSTALLED_ONLY": "1"}
     done = subprocess.run([sys.executable, "-c", check], env=run_env, cwd=tmp_path,
                           capture_output=True, text=True)
