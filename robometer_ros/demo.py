@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import fcntl
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from robometer_ros.ros_graph import REPO, DomainLease, NodeProcess, parameter_args, ros_environment
+
 DEFAULT_BUNDLE = REPO / "bundles" / "default"
 DEFAULT_BAGS = REPO / "demo_bags"
 DEFAULT_OUT = Path("demo_out")
@@ -174,83 +172,6 @@ def make_bags(out: Path) -> int:
         print(f"wrote {path} ({len(trajectory)} frames, {trajectory.episode_id}, "
               f"behaviour {trajectory.metadata['behaviour']}, label {label})")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------- ROS graph
-class DomainLease:
-    """An exclusive ROS_DOMAIN_ID (a flock'ed file per id, shared with the test harness's scheme)."""
-
-    def __init__(self, lock_dir: Path = Path("/tmp/robometer_ros_test_domains")) -> None:
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        start = (os.getpid() * 7 + int(time.monotonic() * 1000)) % 101
-        for i in range(101):
-            domain_id = 1 + (start + i) % 101
-            handle = open(lock_dir / f"{domain_id}.lock", "w")  # noqa: SIM115 (held for the lease)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            self.domain_id, self._handle = domain_id, handle
-            return
-        raise RuntimeError("no free ROS_DOMAIN_ID in 1..101")
-
-    def release(self) -> None:
-        """Give the domain id back."""
-        fcntl.flock(self._handle, fcntl.LOCK_UN)
-        self._handle.close()
-
-
-def ros_environment(domain_id: int, log_dir: Path) -> dict[str, str]:
-    """The environment of the demo's private ROS graph (node subprocess and this process)."""
-    env = {
-        "ROS_DOMAIN_ID": str(domain_id),
-        "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-        "ROS_LOG_DIR": str(log_dir),
-        "PYTHONUNBUFFERED": "1",
-        "RCUTILS_COLORIZED_OUTPUT": "0",
-    }
-    profile = REPO / "config" / "fastdds_large_frames.xml"
-    if profile.is_file():
-        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
-    return env
-
-
-def _param_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-class NodeProcess:
-    """The reward node as a subprocess, its output captured to a log file."""
-
-    def __init__(self, bundle: Path, backend: str, env: dict[str, str], log_path: Path) -> None:
-        params = {"bundle": str(bundle), "backend": backend, **NODE_PARAMETERS}
-        cmd = [sys.executable, "-m", "robometer_ros.reward_node", "--ros-args"]
-        for name, value in params.items():
-            cmd += ["-p", f"{name}:={_param_text(value)}"]
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGINT, then SIGKILL after ``timeout``; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return int(self.proc.returncode)
 
 
 class DemoClient:
@@ -546,14 +467,16 @@ def run_demo(bundle: Path, bags_dir: Path, out: Path, backend: str = "auto",
     env = ros_environment(lease.domain_id, log_dir)
     os.environ.update(env)  # this process joins the same private graph
     print(f"robometer demo: bundle {bundle}, {len(bags)} bags, ROS_DOMAIN_ID {lease.domain_id} (LOCALHOST)")
-    node = NodeProcess(bundle, backend, env, out / "reward_node.log")
+    node = NodeProcess("robometer_ros.reward_node",
+                       parameter_args({"bundle": str(bundle), "backend": backend, **NODE_PARAMETERS}),
+                       env=env, log_path=out / "reward_node.log")
     client: DemoClient | None = None
     results: list[EpisodeResult] = []
     try:
         client = DemoClient(lease.domain_id)
         deadline = time.monotonic() + startup_timeout
         while not client.matched():
-            if not node.alive():
+            if not node.running():
                 print(f"error: the reward node exited:\n{node.output()}", file=sys.stderr)
                 return 1
             if time.monotonic() > deadline:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ros_harness import DomainLease, NodeProcess, Probe, RosEnv, ros_environment
+from robometer_ros.ros_graph import REPO, DomainLease, NodeProcess, ros_environment
+from ros_harness import Probe, RosEnv
 
 # Any rclpy use in this process (and its children) logs to a temporary directory and discovers
 # only on loopback, even in tests that do not ask for a ROS graph explicitly.
@@ -77,9 +78,13 @@ def start_node(ros_env: RosEnv, tmp_path: Path) -> Iterator[Callable[..., NodePr
     """
     started: list[NodeProcess] = []
 
+    # test/ on the path so test-only modules (support.*) can be started as nodes too.
+    pythonpath = os.pathsep.join(p for p in (str(REPO / "test"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**ros_env.env, "PYTHONPATH": pythonpath}
+
     def start(module: str, ros_args: list[str] | tuple[str, ...] = (), **kwargs) -> NodeProcess:
         log_path = tmp_path / f"{module.rsplit('.', 1)[-1]}_{len(started)}.log"
-        proc = NodeProcess(module, ros_args, env=ros_env.env, log_path=log_path, **kwargs)
+        proc = NodeProcess(module, ros_args, env=env, log_path=log_path, **kwargs)
         started.append(proc)
         return proc
 

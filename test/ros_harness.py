@@ -1,5 +1,8 @@
 """Multi-process ROS 2 test harness: isolated DDS domains, nodes as subprocesses, and a probe node.
 
+The domain lease, the graph environment and NodeProcess are robometer_ros.ros_graph's (make demo uses them
+too); this module adds the probe side.
+
 Every test that touches DDS gets its own ROS_DOMAIN_ID (allocated with a lock file, so parallel pytest
 runs on one machine never share one), LOCALHOST-only discovery, its own ROS_LOG_DIR and the Fast DDS
 large-frame profile. Nodes under test run as real processes (`python -m module --ros-args ...`); the
@@ -10,47 +13,12 @@ Waiting is always for an event (matching, a message, a service) with a timeout, 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-REPO = Path(__file__).resolve().parents[1]
-FASTDDS_PROFILE = REPO / "config" / "fastdds_large_frames.xml"
-_LOCK_DIR = Path("/tmp/robometer_ros_test_domains")
-DOMAIN_IDS = range(1, 102)  # the range the ROS docs call safe on every platform
-
-
-class DomainLease:
-    """An exclusive ROS_DOMAIN_ID for as long as the lease is held (a flock'ed file per id)."""
-
-    def __init__(self) -> None:
-        _LOCK_DIR.mkdir(parents=True, exist_ok=True)
-        start = (os.getpid() * 7 + int(time.monotonic() * 1000)) % len(DOMAIN_IDS)
-        for i in range(len(DOMAIN_IDS)):
-            domain_id = DOMAIN_IDS[(start + i) % len(DOMAIN_IDS)]
-            handle = open(_LOCK_DIR / f"{domain_id}.lock", "w")  # noqa: SIM115 (held for the lease)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            self.domain_id = domain_id
-            self._handle = handle
-            return
-        raise RuntimeError("no free ROS_DOMAIN_ID in 1..101: too many ROS tests running at once")
-
-    def release(self) -> None:
-        """Give the domain id back."""
-        fcntl.flock(self._handle, fcntl.LOCK_UN)
-        self._handle.close()
 
 
 @dataclass
@@ -60,81 +28,6 @@ class RosEnv:
     domain_id: int
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
-
-
-def ros_environment(domain_id: int, log_dir: Path) -> dict[str, str]:
-    """Environment variables for every process of a test's graph (also applied to the test process)."""
-    return {
-        "ROS_DOMAIN_ID": str(domain_id),
-        "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-        "ROS_LOG_DIR": str(log_dir),
-        "FASTDDS_DEFAULT_PROFILES_FILE": str(FASTDDS_PROFILE),
-        "PYTHONUNBUFFERED": "1",
-        "RCUTILS_COLORIZED_OUTPUT": "0",
-    }
-
-
-class NodeProcess:
-    """A node under test, started as `python -m MODULE --ros-args ARGS` in its own process.
-
-    Its stdout and stderr (rclpy logs go to stderr) are captured to a file readable while it runs.
-    """
-
-    def __init__(
-        self,
-        module: str,
-        ros_args: Sequence[str] = (),
-        *,
-        env: dict[str, str],
-        log_path: Path,
-        args: Sequence[str] = (),
-    ) -> None:
-        self.module = module
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        cmd = [sys.executable, "-m", module, *args]
-        if ros_args:
-            cmd += ["--ros-args", *ros_args]
-        self.cmd = cmd
-        # test/ on the path so test-only modules (support.*) can be started as nodes too.
-        full_env = {**os.environ, **env}
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO / "test"), full_env.get("PYTHONPATH", "")) if p
-        )
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
-
-    def output(self) -> str:
-        """Everything the process printed so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_output(self, needle: str | Callable[[str], bool], timeout: float = 20.0) -> str:
-        """Wait until the output contains `needle` (or satisfies it); return the output."""
-        check = needle if callable(needle) else (lambda text: needle in text)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.output()
-            if check(text):
-                return text
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.module} exited with {self.proc.returncode}:\n{self.output()}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.module} did not print {needle!r} within {timeout} s:\n{self.output()}")
-
-    def running(self) -> bool:
-        """True while the process is alive."""
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGINT (what Ctrl-C and `ros2 launch` send), then SIGKILL after `timeout`; return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
 
 
 class Inbox:
