@@ -73,7 +73,12 @@ SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['pur
 echo "import os, sys; os.environ.get('ROBOMETER_ROS_INSTALLED_ONLY') or sys.path.insert(0, '$ROOT')" \
   > "$SITE/robometer_ros_source.pth"
 
-"$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+# Console scripts (robometer-train, robometer-export, ...): an editable install, redone only when setup.py changes.
+if [ "$(cat "$STAMP.editable" 2>/dev/null)" != "$req_hash" ]; then
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" > "$VENV/.robometer-editable.log" 2>&1 \
+    || { cat "$VENV/.robometer-editable.log"; log "editable install failed"; exit 1; }
+  echo "$req_hash" > "$STAMP.editable"
+fi
 
 # 6. Test data: the real Qwen3-VL vocabulary ships in the dashscope 2.0.2 wheel (2.4 MB; only its
 #    qwen.tiktoken is read, dashscope is never installed). test/unit/test_released_compat.py skips without it.
