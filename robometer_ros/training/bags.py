@@ -38,6 +38,7 @@ import numpy as np
 
 from robometer_ros.episode import subsample_indices
 from robometer_ros.images import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
+from robometer_ros.training.data import ImportTally, format_counts
 from robometer_ros.trajectory import FAILURE, QUALITY_LABELS, SUCCESSFUL, Trajectory
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
@@ -112,17 +113,12 @@ class BagImportOptions:
 
 
 @dataclass
-class ImportReport:
-    """What an import did, with every skip counted by reason."""
+class ImportReport(ImportTally):
+    """What a bag import did, with every skip counted by reason."""
 
     bags_read: int = 0
     bags_failed: list[tuple[str, str]] = field(default_factory=list)
-    episodes_written: int = 0
-    episodes_skipped: Counter = field(default_factory=Counter)
-    frames_written: int = 0
     frames_skipped: Counter = field(default_factory=Counter)
-    labels: Counter = field(default_factory=Counter)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -134,26 +130,15 @@ class ImportReport:
         return {
             "bags_read": self.bags_read,
             "bags_failed": [{"bag": bag, "error": error} for bag, error in self.bags_failed],
-            "episodes_written": self.episodes_written,
-            "episodes_skipped": dict(self.episodes_skipped),
-            "frames_written": self.frames_written,
             "frames_skipped": dict(self.frames_skipped),
-            "labels": dict(self.labels),
-            "notes": list(self.notes),
+            **self.tally_dict(),
         }
 
     def format(self) -> str:
         """Human-readable summary."""
-        lines = [
-            f"bags read: {self.bags_read}, failed: {len(self.bags_failed)}",
-            f"episodes written: {self.episodes_written} "
-            f"({', '.join(f'{k} {v}' for k, v in sorted(self.labels.items())) or 'none'})",
-            f"frames written: {self.frames_written}",
-        ]
-        if self.episodes_skipped:
-            lines.append("episodes skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.episodes_skipped.items())))
+        lines = [f"bags read: {self.bags_read}, failed: {len(self.bags_failed)}", *self.tally_lines()]
         if self.frames_skipped:
-            lines.append("frames skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.frames_skipped.items())))
+            lines.append(f"frames skipped: {format_counts(self.frames_skipped)}")
         lines += [f"FAILED {bag}: {error}" for bag, error in self.bags_failed]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)

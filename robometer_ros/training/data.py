@@ -49,6 +49,42 @@ class DatasetError(RuntimeError):
     """A dataset directory or episode file is missing, malformed or inconsistent."""
 
 
+def format_counts(counts: Counter) -> str:
+    """``"a 2, b 1"``: counts by name, sorted by name."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+
+
+@dataclass
+class ImportTally:
+    """What every importer counts: what it wrote, and every skipped episode by reason."""
+
+    episodes_written: int = 0
+    episodes_skipped: Counter = field(default_factory=Counter)
+    frames_written: int = 0
+    labels: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def tally_dict(self) -> dict[str, Any]:
+        """The JSON-friendly form of these counts."""
+        return {
+            "episodes_written": self.episodes_written,
+            "episodes_skipped": dict(self.episodes_skipped),
+            "frames_written": self.frames_written,
+            "labels": dict(self.labels),
+            "notes": list(self.notes),
+        }
+
+    def tally_lines(self, skipped: str = "episodes skipped") -> list[str]:
+        """Summary lines of these counts (notes excluded: they go last), skips under the name ``skipped``."""
+        lines = [
+            f"episodes written: {self.episodes_written} ({format_counts(self.labels) or 'none'})",
+            f"frames written: {self.frames_written}",
+        ]
+        if self.episodes_skipped:
+            lines.append(f"{skipped}: {format_counts(self.episodes_skipped)}")
+        return lines
+
+
 @dataclass(frozen=True)
 class EpisodeMeta:
     """What the index knows about one episode, without its frames.

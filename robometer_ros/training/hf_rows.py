@@ -25,7 +25,6 @@ import io
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from robometer_ros.episode import subsample_indices
+from robometer_ros.training.data import ImportTally
 from robometer_ros.trajectory import FAILURE, QUALITY_LABELS, SUCCESSFUL, Trajectory
 
 ROW_FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -93,17 +93,12 @@ class HfImportOptions:
 
 
 @dataclass
-class HfImportReport:
+class HfImportReport(ImportTally):
     """What a row import did, with every skipped row counted by reason."""
 
     files_read: int = 0
     files_failed: list[tuple[str, str]] = field(default_factory=list)
     rows_read: int = 0
-    episodes_written: int = 0
-    episodes_skipped: Counter = field(default_factory=Counter)
-    frames_written: int = 0
-    labels: Counter = field(default_factory=Counter)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -122,23 +117,15 @@ class HfImportReport:
             "files_read": self.files_read,
             "files_failed": [{"file": name, "error": error} for name, error in self.files_failed],
             "rows_read": self.rows_read,
-            "episodes_written": self.episodes_written,
-            "episodes_skipped": dict(self.episodes_skipped),
-            "frames_written": self.frames_written,
-            "labels": dict(self.labels),
-            "notes": list(self.notes),
+            **self.tally_dict(),
         }
 
     def format(self) -> str:
         """Human-readable summary."""
         lines = [
             f"row files read: {self.files_read}, failed: {len(self.files_failed)}; rows read: {self.rows_read}",
-            f"episodes written: {self.episodes_written} "
-            f"({', '.join(f'{k} {v}' for k, v in sorted(self.labels.items())) or 'none'})",
-            f"frames written: {self.frames_written}",
+            *self.tally_lines(skipped="rows skipped"),
         ]
-        if self.episodes_skipped:
-            lines.append("rows skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.episodes_skipped.items())))
         lines += [f"FAILED {name}: {error}" for name, error in self.files_failed]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
