@@ -244,7 +244,7 @@ class FrameStore:
         return frame.payload
 
     # ------------------------------------------------------------------ admission
-    def add(self, stamp_ns: int, frame_id: Hashable, payload: Any = None) -> Admission:
+    def add(self, stamp_ns: int, frame_id: Hashable, payload: Any = None, ignore_rate: bool = False) -> Admission:
         """Offer a frame; admit it or count why not, and thin the store if it is full.
 
         Args:
@@ -253,6 +253,8 @@ class FrameStore:
                 that is kept now.
             payload: anything to keep with the frame while it is kept (e.g. the image for recording);
                 None keeps only the id and stamp.
+            ignore_rate: admit it even if the admission rate would drop it (the last frame of an episode,
+                frames that confirmed a camera time jump); duplicates and older frames are still dropped.
 
         Returns:
             The Admission: status, and the ids evicted by this call (to ``forget`` in the engine).
@@ -265,6 +267,8 @@ class FrameStore:
             raise ValueError(f"stamp_ns must be a non-negative integer (nanoseconds), got {stamp_ns!r}")
         stamp_ns = int(stamp_ns)
         status = self.would_admit(stamp_ns)
+        if ignore_rate and status is AdmissionStatus.DROPPED_RATE:
+            status = AdmissionStatus.ADMITTED
         if status is not AdmissionStatus.ADMITTED:
             # The drop statuses are named after their counters.
             setattr(self.counters, status.value, getattr(self.counters, status.value) + 1)

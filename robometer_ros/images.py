@@ -178,11 +178,11 @@ def compressed_to_rgb(format: str, data: Any) -> np.ndarray:
         ) from err
 
 
-def image_msg_to_rgb(msg: Any) -> np.ndarray:
+def image_msg_to_rgb(msg: Any, max_pixels: int | None = None) -> np.ndarray:
     """`sensor_msgs/Image` (any object with its fields) -> uint8 RGB (H, W, 3)."""
     return raw_to_rgb(msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data)
 
 
-def compressed_msg_to_rgb(msg: Any) -> np.ndarray:
+def compressed_msg_to_rgb(msg: Any, max_pixels: int | None = None) -> np.ndarray:
     """`sensor_msgs/CompressedImage` (any object with its fields) -> uint8 RGB (H, W, 3)."""
     return compressed_to_rgb(msg.format, msg.data)

@@ -1,20 +1,26 @@
-"""Episode verdicts from the reward model's scores: success, stall, regression, timeout, model error.
+"""Episode verdicts from the reward model's scores: success, success lost, stall, regression, timeout, model
+error, and the verdict at the end of the episode.
 
-Pure Python (no numpy, torch or rclpy). The node feeds one ``update`` per scoring step with the camera
-stamp of the newest scored frame and the model's progress and success probability at that frame; the
-monitor answers with the events that changed the verdict. Time comes only from those stamps (camera
+Pure Python (no numpy, torch or rclpy). The ScoringSession feeds one ``update`` per scoring step with the
+camera stamp of the newest scored frame and the model's progress and success probability at that frame;
+the monitor answers with the events that changed the verdict. Time comes only from those stamps (camera
 time, so bag replay and simulation time behave like live runs), never from the wall clock.
 
-Rules (``MonitorConfig`` holds the numbers):
+Rules (``MonitorConfig`` holds every number, with its unit):
 
-* SUCCEEDED: success probability >= ``success_threshold`` at ``success_steps`` consecutive steps. Sticky:
-  emitted once per episode; it clears any active stall, regression or timeout failure (the task is done),
-  and afterwards only model errors are raised (a finished robot standing still is not a stall).
+* SUCCEEDED: success probability >= ``success_threshold`` at ``success_steps`` consecutive steps. Success
+  is not a one-way latch: while succeeded, the task is watched for being undone.
+* SUCCESS_LOST: after a success, success probability below ``success_release_threshold`` for
+  ``success_lost_steps`` consecutive steps, or progress falling more than ``regression_margin`` below its
+  running maximum for ``regression_steps`` steps (the object was dropped, the drawer closed again). The
+  episode is no longer succeeded; a new SUCCEEDED (the same confirmation as the first) clears it.
 * STALLED: progress has not risen more than ``stall_epsilon`` above its reference level for
   ``stall_timeout_s`` seconds. The reference is the progress at the last step that rose more than
-  ``stall_epsilon`` above the previous reference. Cleared when progress stays more than ``stall_epsilon``
-  above the reference for ``clear_steps`` consecutive steps.
-* REGRESSED (the rewind case): progress below ``max_progress - regression_margin`` for
+  ``stall_epsilon`` above the previous reference; time before ``stall_grace_s`` seconds after the episode
+  start does not count (a robot may take a while to start moving). Cleared when progress stays more than
+  ``stall_epsilon`` above the reference for ``clear_steps`` consecutive steps. Not watched while succeeded
+  (a finished robot standing still is not a stall).
+* REGRESSED (the rewind case, before success): progress below ``max_progress - regression_margin`` for
   ``regression_steps`` consecutive steps. ``max_progress`` is the running maximum of progress sustained
   over ``regression_steps`` consecutive steps (the running max of the minimum over each window), so a
   single-step outlier cannot set it. Cleared when progress is back at or above
@@ -22,13 +28,20 @@ Rules (``MonitorConfig`` holds the numbers):
 * TIMEOUT: ``episode_timeout_s`` seconds after the episode start without success. Cleared only by success.
 * MODEL_ERROR: ``model_error()`` was called, or a score was non-finite or outside [0, 1]. Cleared after
   ``clear_steps`` consecutive valid steps.
-* LOW_SUCCESS_AT_END: ``end()`` was called before any success.
+* End of episode (``end``): the verdict is taken from the last ``end_window_steps`` valid steps, not from
+  the best step ever seen: their mean success probability >= ``end_success_threshold`` is a success (a
+  SUCCEEDED event if it was not succeeded, and every failure but MODEL_ERROR is cleared); below it is
+  LOW_SUCCESS_AT_END.
 
 The gaps between raise and clear conditions, and the consecutive-step counts, are the hysteresis: an
 input hovering around a threshold gives one event, not one per step. Several conditions can hold at once;
-the monitor reports the most severe one (MODEL_ERROR, then LOW_SUCCESS_AT_END, TIMEOUT, REGRESSED,
-STALLED) and emits an event only when that reported verdict changes: FAILURE_RAISED when it goes from
-none to a reason or from one reason to another, FAILURE_CLEARED when it goes back to none.
+the monitor reports the most severe one (MODEL_ERROR, then LOW_SUCCESS_AT_END, TIMEOUT, SUCCESS_LOST,
+REGRESSED, STALLED) and emits an event only when that reported verdict changes: FAILURE_RAISED when it goes
+from none to a reason or from one reason to another, FAILURE_CLEARED when it goes back to none.
+
+The defaults of ``MonitorConfig`` are the thresholds ``robometer-calibrate`` chose for the embedded
+default bundle on its labelled Meta-World episodes (camera time = simulated time); calibrate them on your
+own robot's labelled bags (README, "Calibrating the failure monitor").
 
 The reason, severity and outcome numbers equal the constants in msg/FailureFlag.msg and
 msg/EpisodeStatus.msg, so the node copies them into the messages as they are.
@@ -39,7 +52,8 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, fields
 
 # Scores this far outside [0, 1] are float noise and are clamped; beyond it they are a model error.
 _RANGE_TOLERANCE = 1e-3
@@ -54,6 +68,7 @@ class FailureReason(enum.IntEnum):
     LOW_SUCCESS_AT_END = 3
     TIMEOUT = 4
     MODEL_ERROR = 5
+    SUCCESS_LOST = 6
 
 
 class Severity(enum.IntEnum):
@@ -80,12 +95,13 @@ class EventKind(enum.Enum):
     FAILURE_CLEARED = "failure_cleared"
 
 
-# Severity of each reason: stalls and rewinds are recoverable (the policy may re-grasp or retry); a
-# timeout, an episode that ended without success and a broken model call for a stop or reset.
+# Severity of each reason: stalls, rewinds and a lost success are recoverable (the policy may re-grasp or
+# retry); a timeout, an episode that ended without success and a broken model call ask for a stop or reset.
 REASON_SEVERITY: dict[FailureReason, Severity] = {
     FailureReason.NONE: Severity.INFO,
     FailureReason.STALLED: Severity.WARN,
     FailureReason.REGRESSED: Severity.WARN,
+    FailureReason.SUCCESS_LOST: Severity.WARN,
     FailureReason.LOW_SUCCESS_AT_END: Severity.ERROR,
     FailureReason.TIMEOUT: Severity.ERROR,
     FailureReason.MODEL_ERROR: Severity.ERROR,
@@ -96,9 +112,13 @@ _PRIORITY = (
     FailureReason.MODEL_ERROR,
     FailureReason.LOW_SUCCESS_AT_END,
     FailureReason.TIMEOUT,
+    FailureReason.SUCCESS_LOST,
     FailureReason.REGRESSED,
     FailureReason.STALLED,
 )
+# What a success (mid-episode or at the end) clears.
+_CLEARED_BY_SUCCESS = (FailureReason.STALLED, FailureReason.REGRESSED, FailureReason.TIMEOUT,
+                       FailureReason.SUCCESS_LOST)
 
 
 @dataclass(frozen=True)
@@ -136,20 +156,27 @@ class Event:
 class MonitorConfig:
     """Thresholds of the EpisodeMonitor. Validated on construction (ValueError naming the field).
 
+    The defaults are ``robometer-calibrate``'s choice for the embedded default bundle (see the module
+    docstring); the README's parameter table gives each one's unit and meaning.
+
     Attributes:
-        success_threshold: success probability at or above which a step counts as successful. 0.65 is the
-            official Robometer LIBERO wrapper's and policy-learning configs' threshold.
-        success_steps: consecutive successful steps needed for SUCCEEDED. 2 matches the LIBERO wrapper
-            (window of 2, "more than half" of it above the threshold = both steps).
-        stall_timeout_s: seconds of camera time without progress before STALLED; 0 turns stall
-            detection off. 10 s is several scoring steps at Robometer's ~0.3-1 Hz on one GPU and shorter
-            than typical manipulation episodes.
-        stall_epsilon: smallest progress rise that counts as progress. 0.02 is above the step-to-step
-            noise of the C51 progress expectation on a still scene and well below the rise of a moving task.
-        regression_margin: how far progress must fall below its running maximum to count as a rewind
-            (REGRESSED). 0.2 is two of Robometer's ten progress bins.
-        regression_steps: consecutive steps below the margin needed to raise REGRESSED; also the window
-            over which a progress value must be sustained to set the running maximum.
+        success_threshold: success probability (0-1] at or above which a step counts as successful.
+        success_steps: consecutive successful steps needed for SUCCEEDED.
+        success_release_threshold: success probability [0-1] below which a step counts towards losing a
+            success; at most ``success_threshold`` (the gap is the hysteresis).
+        success_lost_steps: consecutive steps below ``success_release_threshold`` that turn a success into
+            SUCCESS_LOST.
+        end_window_steps: valid steps at the end of the episode whose mean success probability decides
+            the end verdict.
+        end_success_threshold: mean success probability (0-1] over the end window at or above which the
+            episode ends as a success; below it the end verdict is LOW_SUCCESS_AT_END.
+        stall_timeout_s: seconds of camera time without progress before STALLED; 0 turns stalls off.
+        stall_grace_s: seconds of camera time from the episode start that do not count towards a stall.
+        stall_epsilon: smallest progress rise (0-1) that counts as progress.
+        regression_margin: fall (0-1] below the running progress maximum that counts as a rewind
+            (REGRESSED; SUCCESS_LOST after a success).
+        regression_steps: consecutive steps below the margin needed to raise it; also the window over
+            which a progress value must be sustained to set the running maximum.
         clear_steps: consecutive steps with the condition clearly gone before a raised failure is cleared.
         episode_timeout_s: seconds of camera time from the episode start before TIMEOUT; 0 = off (the
             robot stack usually owns episode length).
@@ -157,7 +184,12 @@ class MonitorConfig:
 
     success_threshold: float = 0.65
     success_steps: int = 2
+    success_release_threshold: float = 0.35
+    success_lost_steps: int = 2
+    end_window_steps: int = 3
+    end_success_threshold: float = 0.5
     stall_timeout_s: float = 10.0
+    stall_grace_s: float = 2.0
     stall_epsilon: float = 0.02
     regression_margin: float = 0.2
     regression_steps: int = 2
@@ -167,14 +199,28 @@ class MonitorConfig:
     def __post_init__(self) -> None:
         """Check every field and raise ValueError naming the first wrong one."""
         _check_number("success_threshold", self.success_threshold, low=0.0, high=1.0, low_open=True)
+        _check_number("success_release_threshold", self.success_release_threshold, low=0.0, high=1.0)
+        _check_number("end_success_threshold", self.end_success_threshold, low=0.0, high=1.0, low_open=True)
         _check_number("stall_timeout_s", self.stall_timeout_s, low=0.0)
+        _check_number("stall_grace_s", self.stall_grace_s, low=0.0)
         _check_number("stall_epsilon", self.stall_epsilon, low=0.0, high=1.0)
         _check_number("regression_margin", self.regression_margin, low=0.0, high=1.0, low_open=True)
         _check_number("episode_timeout_s", self.episode_timeout_s, low=0.0)
-        for name in ("success_steps", "regression_steps", "clear_steps"):
+        for name in ("success_steps", "success_lost_steps", "end_window_steps", "regression_steps",
+                     "clear_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MonitorConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.success_release_threshold > self.success_threshold:
+            raise ValueError(
+                f"MonitorConfig.success_release_threshold ({self.success_release_threshold}) must not exceed "
+                f"success_threshold ({self.success_threshold})"
+            )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The thresholds' names, in declaration order (the node's ``monitor.<name>`` parameters)."""
+        return tuple(f.name for f in fields(cls))
 
 
 def _check_number(
@@ -196,13 +242,14 @@ class EpisodeMonitor:
     """Turns one episode's per-step scores into success / failure events (pure; one per episode).
 
     Confidence of each event, in [0, 1]:
-    SUCCEEDED: the mean success probability over the confirming steps.
+    SUCCEEDED: the mean success probability over the confirming steps (the end window at the end).
     STALLED: 1 - (highest rise above the reference during the stall) / stall_epsilon (1 = perfectly flat).
-    REGRESSED: (max_progress - progress) / (2 * regression_margin), capped at 1 (0.5 just past the margin).
-    TIMEOUT and MODEL_ERROR: 1. LOW_SUCCESS_AT_END: (threshold - best success probability) / threshold.
-    FAILURE_CLEARED: 1.
+    REGRESSED / SUCCESS_LOST by progress: (max_progress - progress) / (2 * regression_margin), capped at 1.
+    SUCCESS_LOST by success probability: 1 - mean(success over the losing steps) / release threshold.
+    LOW_SUCCESS_AT_END: (end_success_threshold - end-window mean) / end_success_threshold.
+    TIMEOUT, MODEL_ERROR and FAILURE_CLEARED: 1.
 
-    Not thread-safe: the node calls it from one thread (or under its lock).
+    Not thread-safe: the ScoringSession calls it under its lock.
     """
 
     def __init__(self, config: MonitorConfig | None = None, start_stamp_s: float | None = None) -> None:
@@ -210,10 +257,10 @@ class EpisodeMonitor:
 
         Args:
             config: thresholds; defaults to ``MonitorConfig()``.
-            start_stamp_s: camera time the episode started (its first frame), for the episode timeout. None
-                takes the stamp of the first ``update`` or ``model_error`` call.
+            start_stamp_s: camera time the episode started (its first frame), for the timeout and the stall
+                grace period. None takes the stamp of the first ``update`` or ``model_error`` call.
         """
-        self.config = config if config is not None else MonitorConfig()
+        self._config = config if config is not None else MonitorConfig()
         if start_stamp_s is not None:
             _check_stamp(start_stamp_s)
         self._start_s: float | None = None if start_stamp_s is None else float(start_stamp_s)
@@ -221,12 +268,14 @@ class EpisodeMonitor:
         self._steps = 0
         self._ended = False
         self._succeeded = False
+        self._ever_succeeded = False
         self._active: dict[FailureReason, tuple[float, str]] = {}  # reason -> (confidence, detail)
         self._reported = FailureReason.NONE
         self._progress = math.nan
         self._success_probability = math.nan
-        self._best_success = 0.0
         self._success_run: list[float] = []
+        self._release_run: list[float] = []
+        self._end_window: deque[float] = deque(maxlen=self._config.end_window_steps)
         # running max of progress sustained over regression_steps steps
         self._max_progress = 0.0
         self._recent_progress: list[float] = []
@@ -241,9 +290,25 @@ class EpisodeMonitor:
 
     # ------------------------------------------------------------------ state
     @property
+    def config(self) -> MonitorConfig:
+        """The thresholds in use."""
+        return self._config
+
+    @config.setter
+    def config(self, config: MonitorConfig) -> None:
+        """Apply new thresholds from the next step on (live parameter changes)."""
+        self._config = config
+        self._end_window = deque(self._end_window, maxlen=config.end_window_steps)
+
+    @property
     def succeeded(self) -> bool:
-        """True once SUCCEEDED was emitted in this episode (sticky)."""
+        """True while the episode is judged succeeded (a lost success makes it False again)."""
         return self._succeeded
+
+    @property
+    def ever_succeeded(self) -> bool:
+        """True once SUCCEEDED was emitted in this episode, even if the success was lost later."""
+        return self._ever_succeeded
 
     @property
     def failure(self) -> FailureReason:
@@ -285,6 +350,16 @@ class EpisodeMonitor:
         """Camera time of the episode start, once known."""
         return self._start_s
 
+    @property
+    def verdict(self) -> str:
+        """The verdict now, as recorded in episode bags: "succeeded", "failed:<REASON>", "running" or
+        "not_scored" (no step yet)."""
+        if self.failed:
+            return f"failed:{self._reported.name}"
+        if self._succeeded:
+            return "succeeded"
+        return "running" if self._steps else "not_scored"
+
     # ------------------------------------------------------------------ inputs
     def update(self, stamp_s: float, progress: float, success_probability: float) -> list[Event]:
         """Feed one scoring step and return the events it caused (usually none).
@@ -295,12 +370,11 @@ class EpisodeMonitor:
             success_probability: the model's success probability at that frame, in [0, 1].
 
         A non-finite or out-of-range score does not raise: it becomes a MODEL_ERROR failure. Call it once
-        per scoring step of a new newest frame: every call counts as a step for ``success_steps``,
-        ``regression_steps`` and ``clear_steps``.
+        per scoring step of a new newest frame: every call counts as a step for the step counts.
 
         Raises:
-            ValueError: ``stamp_s`` is not finite, or earlier than the previous step's (a caller bug:
-                FrameStore never admits an older frame).
+            ValueError: ``stamp_s`` is not finite, or earlier than the previous step's (a caller bug: the
+                ScoringSession never scores an older frame).
         """
         if self._ended:
             return []
@@ -316,16 +390,18 @@ class EpisodeMonitor:
         progress = min(max(float(progress), 0.0), 1.0)
         success = min(max(float(success_probability), 0.0), 1.0)
         self._progress, self._success_probability = progress, success
-        self._best_success = max(self._best_success, success)
+        self._end_window.append(success)
 
         self._valid_run += 1
-        if FailureReason.MODEL_ERROR in self._active and self._valid_run >= self.config.clear_steps:
+        if FailureReason.MODEL_ERROR in self._active and self._valid_run >= self._config.clear_steps:
             del self._active[FailureReason.MODEL_ERROR]
 
         events: list[Event] = []
-        if not self._succeeded:
-            self._check_success(stamp_s, progress, success, events)
         self._track_max(progress)
+        if self._succeeded:
+            self._check_success_lost(stamp_s, progress, success)
+        else:
+            self._check_success(stamp_s, progress, success, events)
         if not self._succeeded:
             self._check_regression(progress)
             self._check_stall(stamp_s, progress)
@@ -348,71 +424,116 @@ class EpisodeMonitor:
         return self._report(stamp_s, self._progress)
 
     def end(self, stamp_s: float, outcome: Outcome | int = Outcome.UNKNOWN) -> list[Event]:
-        """Close the episode; raises LOW_SUCCESS_AT_END when it never succeeded.
+        """Close the episode with the end-of-episode verdict (see the module docstring).
 
         Args:
             stamp_s: camera stamp of the newest frame at the end (the last step's stamp if unsure), seconds.
             outcome: the robot stack's own verdict (EndEpisode.srv), quoted in the detail.
 
-        Later calls to ``update``, ``model_error`` and ``end`` return no events.
+        Returns:
+            SUCCEEDED (and the FAILURE_CLEARED of a failure it ends) when the end window is a success and
+            the episode was not succeeded; FAILURE_RAISED LOW_SUCCESS_AT_END when it is not; else nothing.
+            Later calls to ``update``, ``model_error`` and ``end`` return no events.
         """
         if self._ended:
             return []
         outcome = Outcome(outcome)
         self._advance_time(stamp_s)
         self._ended = True
-        if self._succeeded:
-            return []
-        threshold = self.config.success_threshold
-        if self._steps == 0:
-            detail = f"episode ended (robot outcome {outcome.name}) before any step was scored"
-            confidence = 1.0
-        else:
-            detail = (
-                f"episode ended (robot outcome {outcome.name}) without success: best success probability "
-                f"{self._best_success:.2f} < threshold {threshold:.2f} for {self.config.success_steps} steps"
+        cfg = self._config
+        window = list(self._end_window)
+        if self._steps == 0 or not window:
+            when = "before any step was scored" if self._steps == 0 else "with no valid score to judge by"
+            self._active[FailureReason.LOW_SUCCESS_AT_END] = (
+                1.0, f"episode ended (robot outcome {outcome.name}) {when}"
             )
-            confidence = min(max((threshold - self._best_success) / threshold, 0.0), 1.0)
-        self._active[FailureReason.LOW_SUCCESS_AT_END] = (confidence, detail)
+            self._succeeded = False
+            return self._report(stamp_s, self._progress)
+        mean = sum(window) / len(window)
+        over = f"mean success probability over the last {len(window)} step{'s' if len(window) > 1 else ''}"
+        if mean >= cfg.end_success_threshold:
+            events: list[Event] = []
+            if not self._succeeded:
+                self._succeed(stamp_s, self._progress, mean,
+                              f"at the end: {over} {mean:.2f} >= end_success_threshold "
+                              f"{cfg.end_success_threshold:.2f}", events)
+            return events + self._report(stamp_s, self._progress)
+        self._succeeded = False
+        earlier = " (it had succeeded earlier)" if self._ever_succeeded else ""
+        self._active[FailureReason.LOW_SUCCESS_AT_END] = (
+            min(max((cfg.end_success_threshold - mean) / cfg.end_success_threshold, 0.0), 1.0),
+            f"episode ended (robot outcome {outcome.name}) without success: {over} {mean:.2f} < "
+            f"end_success_threshold {cfg.end_success_threshold:.2f}{earlier}",
+        )
         return self._report(stamp_s, self._progress)
 
     # ------------------------------------------------------------------ rules
+    def _succeed(self, stamp_s: float, progress: float, confidence: float, detail: str,
+                 events: list[Event]) -> None:
+        self._succeeded = self._ever_succeeded = True
+        self._success_run.clear()
+        self._release_run.clear()
+        self._below_run = 0
+        for reason in _CLEARED_BY_SUCCESS:
+            self._active.pop(reason, None)
+        events.append(Event(EventKind.SUCCEEDED, stamp_s, confidence=confidence, detail=detail,
+                            progress=progress, max_progress=max(self._max_progress, progress)))
+
     def _check_success(self, stamp_s: float, progress: float, success: float, events: list[Event]) -> None:
-        cfg = self.config
+        cfg = self._config
         if success >= cfg.success_threshold:
             self._success_run.append(success)
         else:
             self._success_run.clear()
         if len(self._success_run) < cfg.success_steps:
             return
-        self._succeeded = True
         run = self._success_run[-cfg.success_steps :]
-        # Success ends the episode's failure watch: stall, regression and timeout no longer apply.
-        for reason in (FailureReason.STALLED, FailureReason.REGRESSED, FailureReason.TIMEOUT):
-            self._active.pop(reason, None)
-        events.append(
-            Event(
-                EventKind.SUCCEEDED,
-                stamp_s,
-                confidence=sum(run) / len(run),
-                detail=(
-                    f"success probability >= {cfg.success_threshold:.2f} for {cfg.success_steps} "
-                    f"consecutive steps (last {success:.2f})"
-                ),
-                progress=progress,
-                max_progress=max(self._max_progress, progress),
-            )
+        again = "again: " if self._ever_succeeded else ""
+        self._succeed(
+            stamp_s, progress, sum(run) / len(run),
+            f"{again}success probability >= {cfg.success_threshold:.2f} for {cfg.success_steps} consecutive "
+            f"step{'s' if cfg.success_steps > 1 else ''} (last {success:.2f})",
+            events,
         )
 
+    def _check_success_lost(self, stamp_s: float, progress: float, success: float) -> None:
+        cfg = self._config
+        if success < cfg.success_release_threshold:
+            self._release_run.append(success)
+        else:
+            self._release_run.clear()
+        drop = self._max_progress - progress
+        self._below_run = self._below_run + 1 if drop > cfg.regression_margin else 0
+        detail = ""
+        if len(self._release_run) >= cfg.success_lost_steps:
+            run = self._release_run[-cfg.success_lost_steps :]
+            mean = sum(run) / len(run)
+            confidence = 1.0 - mean / cfg.success_release_threshold if cfg.success_release_threshold > 0 else 1.0
+            detail = (f"success lost: success probability below {cfg.success_release_threshold:.2f} for "
+                      f"{len(run)} step{'s' if len(run) > 1 else ''} (last {success:.2f})")
+        elif self._below_run >= cfg.regression_steps:
+            confidence = min(drop / (2 * cfg.regression_margin), 1.0)
+            detail = (f"success lost: progress {progress:.2f} fell {drop:.2f} below its maximum "
+                      f"{self._max_progress:.2f} (margin {cfg.regression_margin:.2f}) for {self._below_run} steps")
+        if not detail:
+            return
+        self._succeeded = False
+        self._success_run.clear()
+        self._release_run.clear()
+        self._below_run = self._regression_clear_run = 0
+        self._active[FailureReason.SUCCESS_LOST] = (min(max(confidence, 0.0), 1.0), detail)
+        # Stall time counts afresh from here: the robot was done until now.
+        self._stall_ref, self._stall_ref_s, self._stall_peak = progress, stamp_s, progress
+
     def _track_max(self, progress: float) -> None:
-        n = self.config.regression_steps
+        n = self._config.regression_steps
         self._recent_progress.append(progress)
         del self._recent_progress[:-n]
         if len(self._recent_progress) == n:
             self._max_progress = max(self._max_progress, min(self._recent_progress))
 
     def _check_regression(self, progress: float) -> None:
-        cfg = self.config
+        cfg = self._config
         drop = self._max_progress - progress
         if drop > cfg.regression_margin:
             self._below_run += 1
@@ -434,7 +555,7 @@ class EpisodeMonitor:
             )
 
     def _check_stall(self, stamp_s: float, progress: float) -> None:
-        cfg = self.config
+        cfg = self._config
         if cfg.stall_timeout_s <= 0.0:
             return
         if self._stall_ref is None:
@@ -451,20 +572,23 @@ class EpisodeMonitor:
             self._stall_ref, self._stall_ref_s, self._stall_peak = progress, stamp_s, progress
             return
         self._stall_peak = max(self._stall_peak, progress)
-        waited = stamp_s - self._stall_ref_s
+        start = self._start_s if self._start_s is not None else stamp_s
+        since = max(self._stall_ref_s, start + cfg.stall_grace_s)
+        waited = stamp_s - since
         if waited >= cfg.stall_timeout_s:
             rise = self._stall_peak - self._stall_ref
             confidence = 1.0
             if cfg.stall_epsilon > 0.0:
                 confidence = min(max(1.0 - rise / cfg.stall_epsilon, 0.0), 1.0)
             self._stall_clear_run = 0
+            flat_for = stamp_s - self._stall_ref_s
             self._active[FailureReason.STALLED] = (
                 confidence,
-                f"progress stayed within {cfg.stall_epsilon:.2f} of {self._stall_ref:.2f} for {waited:.1f} s",
+                f"progress stayed within {cfg.stall_epsilon:.2f} of {self._stall_ref:.2f} for {flat_for:.1f} s",
             )
 
     def _check_timeout(self, stamp_s: float) -> None:
-        timeout = self.config.episode_timeout_s
+        timeout = self._config.episode_timeout_s
         if timeout <= 0.0 or FailureReason.TIMEOUT in self._active or self._start_s is None:
             return
         elapsed = stamp_s - self._start_s

@@ -151,7 +151,9 @@ def test_episodes_follow_instruction_reset_and_end(start_node, probe, tmp_path):
         last = camera.sent[-1].t_ns
         rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) == last)
 
-    first = statuses.wait_for(1, timeout=20)[0]
+    idle, first = statuses.wait_for(2, timeout=20)[:2]
+    # Latched at activation, before any instruction: a late subscriber always gets a state.
+    assert idle.episode_id == "" and idle.state == EpisodeStatus.STATE_WAITING
     assert first.instruction == TASK and first.state == EpisodeStatus.STATE_WAITING
     send(5)
     assert {r.episode_id for r in rewards.messages} == {first.episode_id}
@@ -175,9 +177,9 @@ def test_episodes_follow_instruction_reset_and_end(start_node, probe, tmp_path):
     assert reset.success, reset.message
     third = statuses.wait_for(
         1, predicate=lambda s: s.state == EpisodeStatus.STATE_WAITING and s.episode_id not in
-        (first.episode_id, second.episode_id))[0]
+        ("", first.episode_id, second.episode_id))[0]
     assert third.instruction == "open the drawer"
-    assert len({s.episode_id for s in statuses.messages}) == 3  # the repeated instruction started nothing
+    assert len({s.episode_id for s in statuses.messages} - {""}) == 3  # the repeated instruction started nothing
 
     # end with a label: visible in EpisodeStatus, then a new episode starts.
     send(2)
@@ -394,8 +396,11 @@ def test_reward_modes_and_live_parameter_validation(start_node, probe, tmp_path)
     ok, reason = _set_parameter(probe, "image_topic", "/other")
     assert not ok and "applied at configure" in reason
     # A live threshold change applies to the running episode: success 0.35 now counts after 2 steps.
+    ok, reason = _set_parameter(probe, "monitor.success_threshold", 0.3)  # below the release threshold 0.35
+    assert not ok and "success_release_threshold" in reason
+    assert _set_parameter(probe, "monitor.success_release_threshold", 0.2) == (True, "")
     assert _set_parameter(probe, "monitor.success_threshold", 0.3) == (True, "")
-    node.wait_for_output("monitor thresholds now")
+    node.wait_for_output("success_threshold=0.3")
     send([(0.8, 0.36), (0.85, 0.37), (0.9, 0.38)])
     node.wait_for_output("succeeded: success probability >= 0.30")
 

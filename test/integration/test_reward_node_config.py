@@ -90,7 +90,7 @@ def test_node_starts_from_the_params_file_and_walks_the_lifecycle(start_node, pr
     assert status.instruction == "wipe the table"
     # No frames: diagnostics warn with the QoS hint.
     warn = diagnostics.wait_for(1, timeout=20, predicate=lambda a: a.status[0].level == DiagnosticStatus.WARN)[-1]
-    assert "no frames: check image_topic and camera_qos" in warn.status[0].message
+    assert "no frames: nobody publishes /reward_node/image" in warn.status[0].message
     assert warn.status[0].name == "robometer_ros: /reward_node"
 
     # Deactivate pauses (frames are not taken), cleanup releases the engine; configure + activate resumes.
@@ -218,5 +218,6 @@ def test_reliable_subscriber_with_a_best_effort_camera_says_so(start_node, probe
     camera.publish(raw_image(colour_frame(0.5), "rgb8", 1))
     node.wait_for_output("incompatible QoS")
     assert "use camera_qos sensor_data" in node.output()
-    warn = diagnostics.wait_for(1, timeout=20, predicate=lambda a: a.status[0].level == DiagnosticStatus.WARN)[-1]
-    assert "a reliable subscriber does not match a best-effort camera" in warn.status[0].message
+    mismatch = "the camera on /camera/image is best effort and camera_qos is reliable (a reliability mismatch)"
+    warn = diagnostics.wait_for(1, timeout=20, predicate=lambda a: mismatch in a.status[0].message)[-1]
+    assert warn.status[0].level == DiagnosticStatus.WARN

@@ -62,7 +62,8 @@ def test_monotone_success() -> None:
     assert m.end(30.0, Outcome.SUCCESS) == []
 
 
-def test_success_is_sticky_and_a_finished_robot_standing_still_is_no_stall() -> None:
+def test_a_flickering_success_is_kept_and_a_finished_robot_standing_still_is_no_stall() -> None:
+    # single steps below the release threshold (0.35 for 2 steps) do not lose the success
     m = EpisodeMonitor(MonitorConfig(stall_timeout_s=5.0))
     events = run(m, [0.2, 0.5, 0.9, 0.95] + [0.95] * 30, [0.1, 0.3, 0.8, 0.9] + [0.2, 0.9] * 15)
     assert kinds(events) == [(EventKind.SUCCEEDED, FailureReason.NONE)]
@@ -86,7 +87,7 @@ def test_stall_raises_once_then_clears_when_progress_resumes() -> None:
 
 
 def test_stall_uses_camera_stamps_not_step_count() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=10.0))
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=10.0, stall_grace_s=0.0))
     # 100 steps but only 5 s of camera time: no stall
     for i in range(100):
         assert m.update(i * 0.05, 0.3, 0.0) == []
@@ -205,12 +206,15 @@ def test_model_error_call_is_a_failure() -> None:
 
 
 def test_end_without_success_raises_low_success_at_end() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
-    run(m, np.linspace(0, 0.7, 10), np.linspace(0, 0.52, 10))
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0, end_window_steps=3, end_success_threshold=0.6))
+    success = np.linspace(0, 0.52, 10)
+    run(m, np.linspace(0, 0.7, 10), success)
     events = m.end(10.0, Outcome.FAILURE)
     assert kinds([(0, e) for e in events]) == [(EventKind.FAILURE_RAISED, FailureReason.LOW_SUCCESS_AT_END)]
+    window = success[-3:].mean()
     assert events[0].severity is Severity.ERROR and "FAILURE" in events[0].detail
-    assert events[0].confidence == pytest.approx((0.65 - 0.52) / 0.65)
+    assert f"last 3 steps {window:.2f} < end_success_threshold 0.60" in events[0].detail
+    assert events[0].confidence == pytest.approx((0.6 - window) / 0.6)
     assert m.ended
     assert m.update(11.0, 0.9, 0.99) == [] and m.end(12.0) == []
 
@@ -231,6 +235,11 @@ def test_config_validation_names_the_field() -> None:
         ({"regression_steps": 1.5}, "regression_steps"),
         ({"clear_steps": True}, "clear_steps"),
         ({"episode_timeout_s": float("inf")}, "episode_timeout_s"),
+        ({"success_release_threshold": 0.7}, "success_release_threshold"),
+        ({"end_window_steps": 0}, "end_window_steps"),
+        ({"end_success_threshold": 0.0}, "end_success_threshold"),
+        ({"stall_grace_s": -0.5}, "stall_grace_s"),
+        ({"success_lost_steps": 0}, "success_lost_steps"),
     ]:
         with pytest.raises(ValueError, match=name):
             MonitorConfig(**kwargs)
@@ -244,3 +253,114 @@ def test_stamps_must_not_go_back() -> None:
         m.update(4.0, 0.1, 0.1)
     with pytest.raises(ValueError, match="finite"):
         m.update(float("nan"), 0.1, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- monitor v2
+def test_a_success_that_is_lost_is_reported_and_a_new_success_clears_it() -> None:
+    cfg = MonitorConfig(success_threshold=0.65, success_release_threshold=0.35, success_lost_steps=2,
+                        stall_timeout_s=0.0)
+    m = EpisodeMonitor(cfg)
+    # done at steps 2-3, the object slips at 5-6 (success collapses), done again at 8-9
+    success = [0.1, 0.5, 0.8, 0.9, 0.7, 0.2, 0.1, 0.5, 0.8, 0.85]
+    events = run(m, [0.5] * len(success), success)
+    assert kinds(events) == [
+        (EventKind.SUCCEEDED, FailureReason.NONE),
+        (EventKind.FAILURE_RAISED, FailureReason.SUCCESS_LOST),
+        (EventKind.SUCCEEDED, FailureReason.NONE),
+        (EventKind.FAILURE_CLEARED, FailureReason.SUCCESS_LOST),
+    ]
+    assert [i for i, _ in events] == [3, 6, 9, 9]
+    lost = events[1][1]
+    assert lost.severity is Severity.WARN and "below 0.35 for 2 steps (last 0.10)" in lost.detail
+    assert lost.confidence == pytest.approx(1 - 0.15 / 0.35)
+    assert events[2][1].detail.startswith("again: ")
+    assert m.succeeded and m.ever_succeeded and m.verdict == "succeeded"
+
+
+def test_progress_falling_after_success_loses_it() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0, regression_margin=0.2, regression_steps=2))
+    # the drawer was opened (success), then pushed shut again: progress falls while success lingers
+    progress = [0.3, 0.6, 0.9, 0.9, 0.9, 0.6, 0.5, 0.5]
+    success = [0.1, 0.4, 0.8, 0.9, 0.8, 0.6, 0.5, 0.5]
+    events = run(m, progress, success)
+    assert kinds(events) == [(EventKind.SUCCEEDED, FailureReason.NONE),
+                             (EventKind.FAILURE_RAISED, FailureReason.SUCCESS_LOST)]
+    assert events[1][0] == 6 and "progress 0.50 fell 0.40 below its maximum 0.90" in events[1][1].detail
+    assert not m.succeeded and m.failed
+
+
+def test_the_end_verdict_is_the_last_window_not_the_best_step() -> None:
+    cfg = MonitorConfig(stall_timeout_s=0.0, end_window_steps=3, end_success_threshold=0.5)
+    # succeeded early, then slowly slid back (never 2 steps under the release threshold in a row) -> failure
+    m = EpisodeMonitor(cfg)
+    run(m, [0.8] * 9, [0.2, 0.9, 0.9, 0.5, 0.3, 0.4, 0.3, 0.4, 0.3])
+    assert m.succeeded
+    events = m.end(9.0, Outcome.UNKNOWN)
+    assert kinds([(0, e) for e in events]) == [(EventKind.FAILURE_RAISED, FailureReason.LOW_SUCCESS_AT_END)]
+    detail = events[0].detail
+    assert "0.33 < end_success_threshold 0.50 (it had succeeded earlier)" in detail
+    assert not m.succeeded and m.verdict == "failed:LOW_SUCCESS_AT_END"
+    # reached success only in the last steps (never success_steps in a row) -> a success at the end
+    m = EpisodeMonitor(cfg)
+    run(m, np.linspace(0.1, 1.0, 8), [0.0, 0.0, 0.1, 0.1, 0.2, 0.4, 0.7, 0.6])
+    assert not m.succeeded
+    events = m.end(8.0)
+    assert kinds([(0, e) for e in events]) == [(EventKind.SUCCEEDED, FailureReason.NONE)]
+    assert "at the end: mean success probability over the last 3 steps 0.57 >= end_success_threshold 0.50" \
+        in events[0].detail
+    assert m.verdict == "succeeded"
+
+
+def test_a_success_at_the_end_clears_a_stall() -> None:
+    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=3.0, stall_grace_s=0.0, end_window_steps=2))
+    events = run(m, [0.5] * 6, [0.2, 0.2, 0.2, 0.2, 0.6, 0.62])
+    assert kinds(events) == [(EventKind.FAILURE_RAISED, FailureReason.STALLED)]
+    events = m.end(6.0)
+    assert kinds([(0, e) for e in events]) == [(EventKind.SUCCEEDED, FailureReason.NONE),
+                                               (EventKind.FAILURE_CLEARED, FailureReason.STALLED)]
+
+
+def test_details_never_contradict_their_thresholds() -> None:
+    """Every number a detail compares with a threshold is on the right side of it (the old "best success
+    probability 0.68 < threshold 0.65" could not happen)."""
+    import re
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        threshold = float(rng.uniform(0.3, 0.9))
+        cfg = MonitorConfig(success_threshold=threshold, success_release_threshold=threshold / 2,
+                            stall_timeout_s=2.0, end_window_steps=int(rng.integers(1, 5)),
+                            end_success_threshold=float(rng.uniform(0.2, 0.9)))
+        m = EpisodeMonitor(cfg)
+        n = int(rng.integers(1, 30))
+        events = [e for _, e in run(m, rng.uniform(0, 1, n), list(rng.uniform(0, 1, n)))]
+        events += m.end(float(n))
+        for event in events:
+            for value, op, threshold in re.findall(r"(\d\.\d\d) (<|>=) \w*threshold (\d\.\d\d)", event.detail):
+                assert (float(value) < float(threshold)) == (op == "<") or value == threshold, event.detail
+
+
+def test_stall_grace_period_at_the_start() -> None:
+    cfg = MonitorConfig(stall_timeout_s=3.0, stall_grace_s=4.0, stall_epsilon=0.02)
+    # idle for the first 5 s, then moving: no stall (the grace period plus the timeout was not reached)
+    m = EpisodeMonitor(cfg)
+    assert run(m, [0.1] * 6 + [0.2, 0.3, 0.4, 0.5]) == []
+    # idle for good: the stall counts from the end of the grace period
+    m = EpisodeMonitor(cfg)
+    events = run(m, [0.1] * 12)
+    assert kinds(events) == [(EventKind.FAILURE_RAISED, FailureReason.STALLED)]
+    assert events[0][0] == 7 and "for 7.0 s" in events[0][1].detail  # 4 s grace + 3 s
+
+
+def test_monitor_events_replays_recorded_steps_like_live_updates() -> None:
+    from robometer_ros.session import monitor_events
+
+    rng = np.random.default_rng(3)
+    cfg = MonitorConfig(stall_timeout_s=2.0, stall_grace_s=0.5)
+    steps = np.stack([np.arange(40) * 0.25, np.clip(np.cumsum(rng.normal(0.02, 0.05, 40)), 0, 1),
+                      rng.uniform(0, 1, 40)], axis=1)
+    steps[17, 1] = np.nan  # a model error step
+    live = EpisodeMonitor(cfg)
+    expected = [e for s in steps for e in live.update(*s)] + live.end(steps[-1, 0])
+    assert monitor_events(steps, cfg) == expected
+    assert any(e.reason is FailureReason.MODEL_ERROR for e in expected)
