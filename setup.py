@@ -45,6 +45,7 @@ setup(
             "robometer-train = robometer_ros.training.trainer:main",
             "robometer-eval = robometer_ros.training.evaluate:main",
             "robometer-score = robometer_ros.training.score:main",
+            "robometer-calibrate = robometer_ros.training.calibrate:main",
             "robometer-export = robometer_ros.training.export:main",
             "robometer-build-engines = robometer_ros.engine.tensorrt_build:main",
         ],

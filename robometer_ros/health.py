@@ -7,8 +7,9 @@ order of severity:
 * ERROR: configure failed; a model error in the last 10 s; recording failing (until it works again).
 * WARN: no frames for ``no_frame_warning_s`` (with a hint that tells a reliability mismatch from large
   best-effort frames that never arrive, and from no publisher at all); no instruction; bad images, rejected
-  instructions, callback errors or trigger timeouts since the previous report; frames not admitted because
-  camera stamps repeat, go back or jump; waiting for /clock (sim time not advancing).
+  instructions or callback errors since the previous report; a trigger call that timed out in the last
+  10 s; frames not admitted because camera stamps repeat, go back or jump; waiting for /clock (sim time
+  not advancing).
 * OK: "scoring at N Hz".
 """
 
@@ -80,6 +81,7 @@ class NodeHealth:
         self.last_trigger_problem = ""
         self._last_frame: float | None = None
         self._model_error_at: float | None = None
+        self._trigger_timeout_at: float | None = None
         self._callback_ms: collections.deque[float] = collections.deque(maxlen=500)
         self._step_times: collections.deque[float] = collections.deque(maxlen=200)
         self._inference_ms: collections.deque[float] = collections.deque(maxlen=200)
@@ -133,6 +135,8 @@ class NodeHealth:
             self.trigger[what] += 1
             if what in ("failed", "unavailable", "timeout", "refused"):
                 self.last_trigger_problem = f"{what}: {detail}" if detail else what
+            if what == "timeout":
+                self._trigger_timeout_at = self._clock()
 
     # ------------------------------------------------------------------ the report
     def seconds_since_last_frame(self) -> float | None:
@@ -156,10 +160,11 @@ class NodeHealth:
             inference, ages, callback = list(self._inference_ms), list(self._stamp_age_ms), list(self._callback_ms)
             since = None if self._last_frame is None else now - self._last_frame
             model_error_recent = self._model_error_at is not None and now - self._model_error_at < _RECENT_S
+            trigger_timeout_recent = (self._trigger_timeout_at is not None
+                                      and now - self._trigger_timeout_at < _RECENT_S)
             fresh = {key: self._fresh(key, total) for key, total in (
                 ("bad_images", values["bad_images"]), ("callback_errors", values["callback_errors"]),
                 ("instructions_rejected", self.instructions_rejected),
-                ("trigger_timeouts", self.trigger["timeout"]),
                 ("stamp_drops", sum(int(inputs.session_counters.get(f"frames_dropped.{r}", 0))
                                     for r in ("duplicate_stamp", "out_of_order", "stamp_jump", "bad_stamp"))),
                 ("admitted", int(inputs.session_counters.get("frames_admitted", 0))),
@@ -202,7 +207,7 @@ class NodeHealth:
             warnings.append(f"instruction rejected: {texts['last_rejected_instruction']}")
         if fresh["callback_errors"]:
             warnings.append(f"callback error: {texts['last_callback_error']}")
-        if fresh["trigger_timeouts"]:
+        if trigger_timeout_recent:
             warnings.append(f"trigger service did not answer: {texts['last_trigger_problem']}")
         if fresh["stamp_drops"] and not fresh["admitted"]:
             warnings.append(

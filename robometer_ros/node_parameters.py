@@ -185,8 +185,10 @@ def load_parameters(paths: Iterable[str | Path], node_name: str = "reward_node")
 def default_parameters_file() -> Path:
     """The package's config/reward_node.yaml (the source tree's, or the installed share directory's)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "config" / "reward_node.yaml",
-                      here.parents[3] / "share" / "robometer_ros" / "config" / "reward_node.yaml"):
+    candidates = [here.parent / "config" / "reward_node.yaml"]  # a source checkout
+    if len(here.parents) > 3:  # <prefix>/lib/pythonX.Y/site-packages/robometer_ros: a colcon install
+        candidates.append(here.parents[3] / "share" / "robometer_ros" / "config" / "reward_node.yaml")
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("config/reward_node.yaml not found beside the robometer_ros package")

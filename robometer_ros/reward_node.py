@@ -461,7 +461,7 @@ class RewardNode(LifecycleNode):
             return
         try:
             with self._publish_lock:
-                change = session.start(text)
+                change = session.start(text, reason=f"new instruction from {source}")
                 self._publish_change(change)
         except ValueError as err:
             shown = text if len(text) <= 60 else f"{text[:57]}... ({len(text)} characters)"

@@ -111,6 +111,7 @@ class RewardEngine:
         self._vision_lock = threading.Lock()
         self._language_lock = threading.Lock()
         self._layouts: OrderedDict[tuple, LanguageInputs] = OrderedDict()
+        self._instruction_room: tuple[int, int] | None = None  # (tokens left for the instruction, longest token)
         self._layout_lock = threading.Lock()
         LOG.info("RewardEngine %s on %s (frame %dx%d, %d frames)", self.model_id, self.backend_name, f.height,
                  f.width, self.num_frames)
@@ -219,6 +220,25 @@ class RewardEngine:
         if not instruction.strip():
             raise ValueError("instruction is empty: Robometer scores progress towards a task description")
         return instruction
+
+    def check_instruction(self, instruction: str) -> None:
+        """Raise ValueError when this bundle cannot score ``instruction``: empty, or its progress prompt (for
+        ``num_frames`` frames) longer than the bundle's maximum sequence length. The limit is the bundle's
+        tokenizer's: a text far too long is refused without tokenizing it (no token covers more characters
+        than the longest one in the vocabulary), anything else is tokenized and measured (and the prompt is
+        kept for the first step)."""
+        self._check_instruction(instruction)
+        limit = self.bundle.manifest.sequence.max_length
+        grids = [self._grid] * self.num_frames
+        if self._instruction_room is None:
+            longest = max((len(token) for token in self.prompts.tokenizer.get_vocab()), default=1)
+            self._instruction_room = (limit - self.prompts.progress("", grids).seq_len, max(longest, 1))
+        room, longest = self._instruction_room
+        if len(instruction) > max(room, 0) * longest:
+            raise ValueError(f"instruction of {len(instruction)} characters cannot fit this bundle's prompt "
+                             f"(room for {room} tokens of at most {longest} characters)")
+        self._inputs(("progress", instruction, self.num_frames), lambda: self.prompts.progress(instruction, grids),
+                     limit)
 
     def _inputs(self, key: tuple, build: Any, max_length: int) -> LanguageInputs:
         with self._layout_lock:

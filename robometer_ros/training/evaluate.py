@@ -12,8 +12,13 @@ with the first and last kept; targets are absolute_first_frame progress (referen
 * VOC: Pearson r of predicted vs target progress, averaged over successful trajectories;
 * trajectory ranking: Kendall tau-a of failure < suboptimal < successful within each task, on the last
   frame's progress;
-* failure detection, failure = positive class, with the episode-level rule of `FailureRule`
-  (default: final success probability < 0.5 AND final progress < 0.5 -> predicted failure);
+* failure detection, failure = positive class, two ways, each named in the table:
+  - the node's own verdicts ("node_F1", the figure a robot gets): every episode is replayed through the
+    ScoringSession with the node's settings (config/reward_node.yaml or ``--params-file``) and its
+    EpisodeMonitor; an episode is flagged when a failure flag was raised during it or at its end
+    (robometer_ros.training.verdicts); also precision, recall, false-alarm rate and detection delay;
+  - the offline rule of `FailureRule` on the whole-episode subsample ("offline_F1"; default: final success
+    probability < 0.5 AND final progress < 0.5 -> predicted failure);
 * preference accuracy on pairs of the same task with different quality labels ("different_quality")
   and on pairs of two tasks shown with one task's instruction ("different_task"); the side of the
   better trajectory is randomised (seeded).
@@ -38,9 +43,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from robometer_ros.session import SessionConfig
 from robometer_ros.training.data import TrajectoryCollection
 from robometer_ros.training.metrics import EpisodeResult, PreferenceResult, evaluate
 from robometer_ros.training.sampling import ProgressSample, ProgressSampler, SamplingConfig
+from robometer_ros.training.verdicts import RULE, detection_figures, figures_by, judge, score_episodes
 from robometer_ros.trajectory import FAILURE, QUALITY_LABELS, SUCCESSFUL
 
 BUNDLE_MANIFEST = "manifest.json"
@@ -112,6 +119,11 @@ class TorchPredictor:
     def frame_size(self) -> tuple[int, int] | None:
         return self.collator.frame_size
 
+    @property
+    def engine(self) -> CheckpointEngine:
+        """This checkpoint behind the engine interface the ScoringSession scores through."""
+        return CheckpointEngine(self)
+
     def _run(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
@@ -149,6 +161,41 @@ class TorchPredictor:
         return results
 
 
+@dataclass(frozen=True)
+class StepScores:
+    """Per-frame scores of one step (the part of RewardEngine's Scores the ScoringSession reads)."""
+
+    progress: np.ndarray
+    success_probability: np.ndarray
+
+
+class CheckpointEngine:
+    """A PyTorch checkpoint behind the RewardEngine interface of the ScoringSession (add_frame, score,
+    score_batch, forget). Frames are kept as images and every step runs the whole model on its frames:
+    the same scores as a bundle of the checkpoint, without the frame cache's speed."""
+
+    def __init__(self, predictor: TorchPredictor) -> None:
+        self.predictor = predictor
+        self.num_frames = predictor.num_frames
+        self.backend_name = "torch"
+        self.model_id = "checkpoint"
+        self._frames: dict[Any, np.ndarray] = {}
+
+    def add_frame(self, frame_id: Any, image: np.ndarray) -> None:
+        self._frames[frame_id] = np.ascontiguousarray(image)
+
+    def forget(self, frame_ids: Any) -> None:
+        for frame_id in frame_ids:
+            self._frames.pop(frame_id, None)
+
+    def score(self, instruction: str, frame_ids: Sequence[Any]) -> StepScores:
+        return self.score_batch(instruction, [frame_ids])[0]
+
+    def score_batch(self, instruction: str, frame_id_lists: Sequence[Sequence[Any]]) -> list[StepScores]:
+        stacks = [np.stack([self._frames[i] for i in ids]) for ids in frame_id_lists]
+        return [StepScores(p, q) for p, q in self.predictor.score([instruction] * len(stacks), stacks)]
+
+
 class EnginePredictor:
     """A bundle run through RewardEngine (frames are added, scored and forgotten per trajectory)."""
 
@@ -184,25 +231,6 @@ class EnginePredictor:
                 self.engine.forget(ids)
             results.append((np.asarray(scores.progress), np.asarray(scores.success_probability)))
         return results
-
-    def score_prefixes(
-        self, instruction: str, frames: np.ndarray, ends: Sequence[int]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Dense reward as on the robot: every frame encoded once, then for each end t the prefix 0..t
-        subsampled to num_frames is scored and its last frame reported."""
-        from robometer_ros.episode import subsample_indices
-
-        ids = self._add(frames)
-        progress, success = [], []
-        try:
-            for end in ends:
-                chosen = [ids[i] for i in subsample_indices(int(end) + 1, self.num_frames)]
-                scores = self.engine.score(instruction, chosen)
-                progress.append(float(scores.progress[-1]))
-                success.append(float(scores.success_probability[-1]))
-        finally:
-            self.engine.forget(ids)
-        return np.asarray(progress, dtype=np.float32), np.asarray(success, dtype=np.float32)
 
     def preference(
         self, instructions: Sequence[str], frames_a: Sequence[np.ndarray], frames_b: Sequence[np.ndarray]
@@ -263,7 +291,8 @@ class EvalOptions:
         max_trajectories: cap on scored trajectories (0 = all), taken evenly over the split.
         max_pairs: cap on preference pairs of each kind (0 = none).
         success_cutoffs: per-source completion cutoffs for the progress targets.
-        failure_rule: the episode-level failure predictor.
+        failure_rule: the offline episode-level failure predictor.
+        session: the node's settings to replay every episode with (the node's verdicts); None skips them.
         num_plots: episodes drawn as PNG progress curves.
         batch_size: trajectories per scoring call.
         seed: pair selection and side randomisation.
@@ -273,6 +302,7 @@ class EvalOptions:
     max_pairs: int = 200
     success_cutoffs: dict[str, float] = field(default_factory=dict)
     failure_rule: FailureRule = field(default_factory=FailureRule)
+    session: SessionConfig | None = None
     num_plots: int = 6
     batch_size: int = 8
     seed: int = 0
@@ -410,6 +440,12 @@ def evaluate_collection(
     ]
     pairs = evaluate_preferences(predictor, collection, options)
     metrics = evaluate(episodes, pairs, failure_labels=(FAILURE,))
+    verdicts: list[Any] = []
+    if options.session is not None:
+        verdicts = node_verdicts(predictor, collection, options)
+        for name, figures in (("overall", detection_figures(verdicts)), *figures_by(verdicts, "data_source").items()):
+            metrics.setdefault(name, {}).update({f"node_{k}": v for k, v in figures.as_dict().items()
+                                                 if not isinstance(v, dict)})
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -420,6 +456,8 @@ def evaluate_collection(
                 "trajectories": len(episodes),
                 "pairs": len(pairs),
                 "failure_rule": asdict(options.failure_rule),
+                "node_verdicts": None if options.session is None else {
+                    "rule": RULE, "session": options.session.parameters()},
                 "max_trajectories": options.max_trajectories,
                 "max_pairs": options.max_pairs,
                 "seed": options.seed,
@@ -439,10 +477,26 @@ def evaluate_collection(
                 })
                 for s, progress, success in scored
             ],
+            "node_verdicts": [
+                _finite({"episode_id": v.episode.episode_id, "quality_label": v.episode.quality_label,
+                         "predicted_failure": v.predicted_failure, "first_alarm_reason": v.first_alarm_reason,
+                         "first_alarm_s": v.first_alarm_s, "delay_s": v.delay_s, "end_verdict": v.end_verdict,
+                         "steps": len(v.episode.step_scores)})
+                for v in verdicts
+            ],
         }
         (out / "metrics.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
         plot_progress_curves(scored, out / "plots", options.num_plots)
     return metrics
+
+
+def node_verdicts(predictor: Predictor, collection: TrajectoryCollection, options: EvalOptions) -> list[Any]:
+    """The node's verdict on every chosen episode: replayed through the ScoringSession with
+    ``options.session`` (its monitor included), as a robot would have scored it."""
+    assert options.session is not None
+    positions = _evenly(len(collection), options.max_trajectories)
+    scored = score_episodes(predictor.engine, (collection[p] for p in positions), options.session)
+    return judge(scored, options.session.monitor)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -452,12 +506,21 @@ TABLE_COLUMNS = (
     ("kendall_tau", "tau_a", "{:.3f}"),
     ("ranking_accuracy", "rank_acc", "{:.3f}"),
     ("succ_fail_diff", "succ-fail", "{:.3f}"),
-    ("failure_f1", "fail_F1", "{:.3f}"),
-    ("failure_precision", "fail_P", "{:.3f}"),
-    ("failure_recall", "fail_R", "{:.3f}"),
+    ("node_f1", "node_F1", "{:.3f}"),
+    ("node_precision", "node_P", "{:.3f}"),
+    ("node_recall", "node_R", "{:.3f}"),
+    ("node_false_alarm_rate", "node_FAR", "{:.3f}"),
+    ("failure_f1", "offline_F1", "{:.3f}"),
     ("preference_accuracy_different_quality", "pref_qual", "{:.3f}"),
     ("preference_accuracy_different_task", "pref_task", "{:.3f}"),
     ("preference_accuracy", "pref_all", "{:.3f}"),
+)
+
+
+TABLE_LEGEND = (
+    "node_*: the node's own verdicts (" + RULE + "); node_FAR = flagged non-failure episodes / non-failure "
+    "episodes.\noffline_F1: FailureRule on the whole-episode subsample (final success and progress both below "
+    "their thresholds)."
 )
 
 
@@ -533,6 +596,23 @@ def plot_progress_curves(
     return written
 
 
+def resolve_split(dataset: str | Path, split: str) -> str | None:
+    """``auto`` -> "val" when the dataset has that split (a val/ dataset or episodes tagged val), else None
+    (every episode); any other name as it is ("all" -> None)."""
+    if split == "all":
+        return None
+    if split != "auto":
+        return split
+    root = Path(dataset)
+    if (root / "val" / "dataset.json").is_file():
+        return "val"
+    from robometer_ros.training.data import Dataset
+
+    if (root / "dataset.json").is_file() and any(m.metadata.get("split") == "val" for m in Dataset(root).metas):
+        return "val"
+    return None
+
+
 def _frame_size(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)[x,](\d+)", text.strip())
     if not match:
@@ -558,8 +638,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--dataset", required=True, help="dataset directory (robometer-dataset)")
-    parser.add_argument("--split", default="val", help="split to evaluate (DIR/<split>/ or metadata 'split'; "
-                        "'all' = every episode); default val")
+    parser.add_argument("--split", default="auto", help="split to evaluate (DIR/<split>/ or metadata 'split'; "
+                        "'all' = every episode; default auto = val if the dataset has one, else all)")
+    parser.add_argument("--params-file", action="append", default=[],
+                        help="the node's parameter files for its verdicts (session settings, monitor thresholds; "
+                        "repeatable, later wins; default: the package's config/reward_node.yaml)")
+    parser.add_argument("--no-node-verdicts", action="store_true", help="skip replaying episodes through the node's "
+                        "session and monitor")
     parser.add_argument("--out", required=True, help="output directory (metrics.json, plots/)")
     parser.add_argument("--max-trajectories", type=int, default=0, help="cap on trajectories (0 = all)")
     parser.add_argument("--max-pairs", type=int, default=200, help="preference pairs of each kind (0 = none)")
@@ -584,9 +669,15 @@ def main(argv: list[str] | None = None) -> int:
             if not source or not value:
                 raise ValueError(f"--success-cutoff {item!r} must look like SOURCE=0.95")
             cutoffs[source] = float(value)
-        collection = open_split(args.dataset, args.split)
+        split = resolve_split(args.dataset, args.split)
+        collection = open_split(args.dataset, split)
         predictor = open_predictor(args.model, args.backend, args.device, args.tokenizer_dir, args.frame_size,
                                    args.batch_size)
+        session = None
+        if not args.no_node_verdicts:
+            from robometer_ros.node_parameters import session_config_from_files
+
+            session = session_config_from_files(args.params_file, predictor.num_frames)
     except (BundleError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"robometer-eval: {error}", file=sys.stderr)
         return 2
@@ -595,14 +686,18 @@ def main(argv: list[str] | None = None) -> int:
         max_pairs=args.max_pairs,
         success_cutoffs=cutoffs,
         failure_rule=FailureRule(args.success_threshold, args.progress_threshold),
+        session=session,
         num_plots=args.plots,
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    settings = {"model": str(args.model), "dataset": str(args.dataset), "split": args.split,
+    settings = {"model": str(args.model), "dataset": str(args.dataset), "split": split or "all",
+                "params_files": args.params_file or ["config/reward_node.yaml"],
                 "runner": getattr(getattr(predictor, "engine", None), "backend_name", "torch")}
     metrics = evaluate_collection(predictor, collection, options, args.out, settings)
+    print(f"{len(collection)} episodes of {args.dataset} (split {split or 'all'})")
     print(format_table(metrics))
+    print(TABLE_LEGEND)
     print(f"wrote {Path(args.out) / 'metrics.json'}")
     return 0
 

@@ -4,17 +4,20 @@
     robometer-score runs/tiny/best --bags bags/ --image-topic /camera/image_raw \
         --instruction "open the drawer" --out scores.csv
 
-Scores every episode with a checkpoint (torch) or a bundle (RewardEngine) and writes two tables:
+Every episode is scored exactly as the reward node scores it live: through the ScoringSession with the
+node's settings (the package's config/reward_node.yaml, or ``--params-file``; ``--frame-rate`` overrides the
+admission rate, 0 = every frame), each frame offered at its camera stamp, every admitted frame scored (the
+newest frame with the first and an even subsample of the others, ``num_frames`` in all), the episode closed
+with ``end`` (which scores the last frame), and the node's EpisodeMonitor judging it. Two tables:
 
 * FILE (one row per episode): episode_id, instruction, data_source, quality_label, embodiment, n_frames,
-  final_progress / final_success_probability (the model on the whole episode, `num_frames` frames
-  subsampled with first and last kept), max_progress / mean_progress / max_success_probability over the
-  per-frame curve, predicted_failure (evaluate.FailureRule), rank_in_task (1 = highest final progress
-  among episodes with the same instruction), task_size, rank_overall, percentile_overall (1 = best).
-* FILE with `_frames` before the suffix (one row per scored frame): episode_id, frame_index, stamp,
-  progress, success_probability: the dense reward the robot would have seen, i.e. at frame t the model
-  scores the prefix 0..t subsampled to `num_frames` frames and reports its last frame (`--stride K`
-  scores every K-th prefix, always including the last frame).
+  steps, final_progress / final_success_probability (the last step: the whole episode, first and last frame
+  kept), max_progress / mean_progress / max_success_probability over the steps, predicted_failure (the
+  node raised a failure flag during the episode or at its end), first_failure (its reason), verdict (the
+  monitor's verdict at the end), rank_in_task (1 = highest final progress among episodes with the same
+  instruction), task_size, rank_overall, percentile_overall (1 = best).
+* FILE with `_frames` before the suffix (one row per scoring step): episode_id, frame_index, stamp, progress,
+  success_probability, reward: the dense reward the robot got at that frame.
 
 Filter demonstrations with e.g. `final_progress > 0.8 and not predicted_failure`, or keep the top-k per task
 by rank_in_task (as the paper does to filter play data and rank demonstrations).
@@ -25,28 +28,31 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from robometer_ros.episode import subsample_indices
-from robometer_ros.training.evaluate import FailureRule, Predictor, add_model_arguments, open_predictor
+from robometer_ros.monitor import EventKind
+from robometer_ros.session import NS_PER_S, ScoringSession, SessionConfig, replay
+from robometer_ros.training.evaluate import add_model_arguments, open_predictor
+from robometer_ros.training.verdicts import label_outcome
 from robometer_ros.trajectory import Trajectory
 
 EPISODE_COLUMNS = (
-    "episode_id", "instruction", "data_source", "quality_label", "embodiment", "n_frames",
+    "episode_id", "instruction", "data_source", "quality_label", "embodiment", "n_frames", "steps",
     "final_progress", "final_success_probability", "max_progress", "mean_progress",
-    "max_success_probability", "predicted_failure", "rank_in_task", "task_size", "rank_overall",
-    "percentile_overall",
+    "max_success_probability", "predicted_failure", "first_failure", "verdict", "rank_in_task", "task_size",
+    "rank_overall", "percentile_overall",
 )
-FRAME_COLUMNS = ("episode_id", "frame_index", "stamp", "progress", "success_probability")
+FRAME_COLUMNS = ("episode_id", "frame_index", "stamp", "progress", "success_probability", "reward")
 
 
 @dataclass
 class EpisodeScores:
-    """Scores of one episode (see the module docstring for the fields)."""
+    """Scores of one episode (see the module docstring for the fields); frame_* arrays have one entry per
+    scoring step."""
 
     episode_id: str
     instruction: str
@@ -60,7 +66,10 @@ class EpisodeScores:
     frame_stamps: np.ndarray
     frame_progress: np.ndarray
     frame_success_probability: np.ndarray
+    frame_reward: np.ndarray
     predicted_failure: bool = False
+    first_failure: str = ""
+    verdict: str = ""
     rank_in_task: int = 0
     task_size: int = 0
     rank_overall: int = 0
@@ -68,47 +77,17 @@ class EpisodeScores:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def prefix_ends(n_frames: int, stride: int) -> list[int]:
-    """Last frame index of each scored prefix: every `stride`-th frame and always the final one."""
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    ends = list(range(stride - 1, n_frames, stride))
-    if not ends or ends[-1] != n_frames - 1:
-        ends.append(n_frames - 1)
-    return ends
-
-
-def online_scores(
-    predictor: Predictor, instruction: str, frames: np.ndarray, ends: Sequence[int], batch_size: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
-    """Dense reward: for each end t, the last-frame progress / success of prefix 0..t subsampled.
-
-    Uses `predictor.score_prefixes` when it has one (RewardEngine: each frame encoded once), otherwise
-    one `score` call per batch of prefixes.
-    """
-    if hasattr(predictor, "score_prefixes"):
-        return predictor.score_prefixes(instruction, frames, ends)
-    count = predictor.num_frames
-    progress, success = [], []
-    for start in range(0, len(ends), batch_size):
-        chunk = ends[start : start + batch_size]
-        prefixes = [frames[subsample_indices(t + 1, count)] for t in chunk]
-        for prog, succ in predictor.score([instruction] * len(prefixes), prefixes):
-            progress.append(float(prog[-1]))
-            success.append(float(succ[-1]))
-    return np.asarray(progress, dtype=np.float32), np.asarray(success, dtype=np.float32)
-
-
-def score_episode(
-    predictor: Predictor, trajectory: Trajectory, stride: int = 1, failure_rule: FailureRule | None = None,
-    batch_size: int = 8,
-) -> EpisodeScores:
-    """Episode-level and per-frame scores of one trajectory."""
-    rule = failure_rule or FailureRule()
-    ends = prefix_ends(len(trajectory), stride)
-    progress, success = online_scores(predictor, trajectory.instruction, trajectory.frames, ends, batch_size)
-    # The last prefix is the whole episode: its last-frame values are the episode's final scores.
-    final_progress, final_success = float(progress[-1]), float(success[-1])
+def score_episode(session: ScoringSession, trajectory: Trajectory) -> EpisodeScores:
+    """Score one trajectory through ``session`` as the node would; its steps and the monitor's verdict."""
+    stamps_ns = np.round(np.asarray(trajectory.frame_stamps, dtype=np.float64) * NS_PER_S).astype(np.int64)
+    outcome = label_outcome(trajectory.quality_label)
+    result = replay(session, trajectory.instruction, stamps_ns, trajectory.frames, outcome)
+    steps = [s for s in result.steps if s.ok]
+    if not steps:
+        raise RuntimeError(f"episode {trajectory.episode_id!r}: no step produced scores "
+                           f"({result.steps[-1].error if result.steps else 'no frame was admitted'})")
+    step_stamps = np.asarray([s.stamp_ns for s in steps], dtype=np.int64)
+    alarms = [e for e in result.events if e.kind is EventKind.FAILURE_RAISED]
     return EpisodeScores(
         episode_id=trajectory.episode_id,
         instruction=trajectory.instruction,
@@ -116,13 +95,16 @@ def score_episode(
         quality_label=trajectory.quality_label,
         embodiment=trajectory.embodiment,
         n_frames=len(trajectory),
-        final_progress=final_progress,
-        final_success_probability=final_success,
-        frame_indices=np.asarray(ends, dtype=np.int64),
-        frame_stamps=np.asarray(trajectory.frame_stamps)[ends],
-        frame_progress=progress,
-        frame_success_probability=success,
-        predicted_failure=rule(np.asarray([final_progress]), np.asarray([final_success])),
+        final_progress=steps[-1].progress,
+        final_success_probability=steps[-1].success_probability,
+        frame_indices=np.searchsorted(stamps_ns, step_stamps).astype(np.int64),
+        frame_stamps=step_stamps / NS_PER_S,
+        frame_progress=np.asarray([s.progress for s in steps], dtype=np.float32),
+        frame_success_probability=np.asarray([s.success_probability for s in steps], dtype=np.float32),
+        frame_reward=np.asarray([s.reward for s in steps], dtype=np.float32),
+        predicted_failure=bool(alarms),
+        first_failure=alarms[0].reason.name if alarms else "",
+        verdict=result.verdict,
     )
 
 
@@ -146,16 +128,17 @@ def assign_ranks(episodes: Sequence[EpisodeScores]) -> None:
 
 
 def score_trajectories(
-    predictor: Predictor, trajectories: Iterable[Trajectory], stride: int = 1,
-    failure_rule: FailureRule | None = None, batch_size: int = 8, progress_bar: bool = False,
+    engine: Any, trajectories: Iterable[Trajectory], config: SessionConfig, progress_bar: bool = False,
 ) -> list[EpisodeScores]:
-    """Score every trajectory (streamed: one episode's frames in memory at a time) and rank them."""
+    """Score every trajectory through one ScoringSession (streamed: one episode's frames in memory at a
+    time) and rank them."""
+    session = ScoringSession(engine, config)
     iterator = trajectories
     if progress_bar:
         from tqdm import tqdm
 
         iterator = tqdm(trajectories, desc="score", unit="episode")
-    episodes = [score_episode(predictor, t, stride, failure_rule, batch_size) for t in iterator]
+    episodes = [score_episode(session, t) for t in iterator]
     assign_ranks(episodes)
     return episodes
 
@@ -186,7 +169,10 @@ def write_tables(episodes: Sequence[EpisodeScores], out: str | Path) -> tuple[Pa
         "mean_progress": pa.array([float(np.mean(e.frame_progress)) for e in episodes], type=pa.float32()),
         "max_success_probability": pa.array(
             [float(np.max(e.frame_success_probability)) for e in episodes], type=pa.float32()),
+        "steps": pa.array([len(e.frame_indices) for e in episodes], type=pa.int64()),
         "predicted_failure": pa.array([e.predicted_failure for e in episodes], type=pa.bool_()),
+        "first_failure": pa.array([e.first_failure for e in episodes], type=pa.string()),
+        "verdict": pa.array([e.verdict for e in episodes], type=pa.string()),
         "rank_in_task": pa.array([e.rank_in_task for e in episodes], type=pa.int64()),
         "task_size": pa.array([e.task_size for e in episodes], type=pa.int64()),
         "rank_overall": pa.array([e.rank_overall for e in episodes], type=pa.int64()),
@@ -203,6 +189,8 @@ def write_tables(episodes: Sequence[EpisodeScores], out: str | Path) -> tuple[Pa
         "success_probability": pa.array(
             np.concatenate([e.frame_success_probability for e in episodes]) if episodes else [],
             type=pa.float32()),
+        "reward": pa.array(np.concatenate([e.frame_reward for e in episodes]) if episodes else [],
+                           type=pa.float32()),
     })
     frames_out = companion_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +213,7 @@ def _bag_trajectories(args: argparse.Namespace) -> Iterable[Trajectory]:
         image_topic=args.image_topic,
         instruction=args.instruction,
         instruction_topic=args.instruction_topic,
-        unknown_label="successful",
+        unknown_label="successful",  # MERGE-NOTE: "unknown" once trajectory.py has that label (h2)
         min_frames=1,
         max_frames=args.max_frames,
         data_source=args.data_source,
@@ -250,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-frames", type=int, help="bags: thin each episode to at most this many frames")
     parser.add_argument("--data-source", default="rosbag", help="bags: data source name of the episodes")
     parser.add_argument("--out", required=True, help="episode table, .parquet or .csv (frames go to *_frames.*)")
-    parser.add_argument("--stride", type=int, default=1, help="score every K-th frame prefix (default 1)")
-    parser.add_argument("--success-threshold", type=float, default=0.5, help="failure rule, see robometer-eval")
-    parser.add_argument("--progress-threshold", type=float, default=0.5, help="failure rule, see robometer-eval")
+    parser.add_argument("--params-file", action="append", default=[],
+                        help="the node's parameter files (session settings and monitor thresholds; repeatable; "
+                        "default: the package's config/reward_node.yaml)")
+    parser.add_argument("--frame-rate", type=float, help="frames admitted per second of camera time, overriding the "
+                        "params file (0 = score every frame)")
     args = parser.parse_args(argv)
 
     from robometer_ros.engine.bundle import BundleError
@@ -262,20 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if Path(args.out).suffix not in (".parquet", ".csv"):
             raise ValueError(f"--out must end in .parquet or .csv, got {args.out!r}")
-        if args.stride < 1:
-            raise ValueError(f"--stride must be >= 1, got {args.stride}")
         if args.dataset:
             trajectories: Iterable[Trajectory] = iter(open_split(args.dataset, args.split))
         else:
             trajectories = _bag_trajectories(args)
         predictor = open_predictor(args.model, args.backend, args.device, args.tokenizer_dir, args.frame_size,
                                    args.batch_size)
+        from robometer_ros.node_parameters import session_config_from_files
+
+        config = session_config_from_files(args.params_file, predictor.num_frames)
+        if args.frame_rate is not None:
+            config = replace(config, frame_rate=args.frame_rate)
     except (BundleError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"robometer-score: {error}", file=sys.stderr)
         return 2
-    episodes = score_trajectories(predictor, trajectories, args.stride,
-                                  FailureRule(args.success_threshold, args.progress_threshold),
-                                  args.batch_size, progress_bar=True)
+    episodes = score_trajectories(predictor.engine, trajectories, config, progress_bar=True)
     if not episodes:
         print("robometer-score: no episodes to score", file=sys.stderr)
         return 1

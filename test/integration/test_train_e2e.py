@@ -15,11 +15,15 @@ import torch
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from robometer_ros.engine.bundle import Bundle
+from robometer_ros.monitor import MonitorConfig
+from robometer_ros.node_parameters import load_parameters
 from robometer_ros.recorder import make_typestore
+from robometer_ros.training.calibrate import main as calibrate_main
 from robometer_ros.training.evaluate import main as eval_main
 from robometer_ros.training.export import main as export_main
 from robometer_ros.training.score import main as score_main
 from robometer_ros.training.trainer import main as train_main
+from robometer_ros.training.trainer import open_split
 from support.synthetic_squares import make_trajectories, write_square_dataset
 
 RECIPE = Path(__file__).resolve().parents[2] / "training" / "tiny_cpu.yaml"
@@ -107,17 +111,34 @@ def test_train_eval_export_score(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # --- score a dataset with the bundle (parquet) and a bag with the checkpoint (CSV)
     scores = tmp_path / "scores.parquet"
     assert score_main([str(bundle_dir), "--dataset", str(data), "--split", "val", "--out", str(scores),
-                       "--stride", "4"]) == 0
+                       "--frame-rate", "0"]) == 0  # every frame a scoring step
     episodes = pq.read_table(scores).to_pylist()
     frames = pq.read_table(tmp_path / "scores_frames.parquet").to_pylist()
     assert len(episodes) == TASKS * 3
-    assert len(frames) == sum(len(range(3, e["n_frames"], 4)) + ((e["n_frames"] - 1) % 4 != 3) for e in episodes)
+    assert len(frames) == sum(e["n_frames"] for e in episodes) == sum(e["steps"] for e in episodes)
+    assert {e["verdict"].split(":")[0] for e in episodes} <= {"succeeded", "failed"}
     for task in {e["instruction"] for e in episodes}:
         assert sorted(e["rank_in_task"] for e in episodes if e["instruction"] == task) == [1, 2, 3]
     assert sorted(e["rank_overall"] for e in episodes) == list(range(1, TASKS * 3 + 1))
     by_id = {e["episode_id"]: e for e in bundle_eval["episodes"]}
-    for e in episodes:  # the last scored prefix is the whole episode: the eval's last-frame prediction
+    for e in episodes:  # the last step scores the whole episode: the eval's last-frame prediction
         assert e["final_progress"] == pytest.approx(by_id[e["episode_id"]]["predicted_progress"][-1], abs=1e-5)
+    assert len(bundle_eval["node_verdicts"]) == TASKS * 3  # the eval replayed every episode through the session
+
+    # --- calibrate the monitor on the labelled episodes: a parameters file the node loads (node test: see
+    # test_reward_node_config.py), cross-validated figures, the cached scores
+    calibration = tmp_path / "calibration.yaml"
+    assert calibrate_main([str(bundle_dir), "--dataset", str(data), "--split", "train", "--out", str(calibration),
+                           "--folds", "2", "--backend", "onnxruntime"]) == 0
+    values = load_parameters([calibration])
+    assert set(values) == {f"monitor.{name}" for name in MonitorConfig.field_names()}
+    report = json.loads((tmp_path / "calibration_report" / "report.json").read_text())
+    train_labels = [t.quality_label for t in open_split(data, "train")]
+    assert report["episodes"] == len(train_labels) and report["labels"]["failure"] == train_labels.count("failure") > 0
+    assert "cross-validated" in calibration.read_text()
+    assert calibrate_main(["-", "--scores", str(tmp_path / "calibration_report" / "scores.npz"), "--out",
+                           str(tmp_path / "again.yaml"), "--folds", "2"]) == 0  # no model needed
+    assert load_parameters([tmp_path / "again.yaml"]) == values
 
     _write_bag(tmp_path / "bag")
     bag_scores = tmp_path / "bag_scores.csv"
@@ -126,4 +147,6 @@ def test_train_eval_export_score(tmp_path: Path, capsys: pytest.CaptureFixture[s
     bag_episodes = pcsv.read_csv(bag_scores).to_pylist()
     assert len(bag_episodes) == 1 and bag_episodes[0]["instruction"] == make_trajectories(1, seed=7)[0].instruction
     bag_frames = pcsv.read_csv(tmp_path / "bag_scores_frames.csv").to_pylist()
-    assert len(bag_frames) == bag_episodes[0]["n_frames"]  # stride 1: a dense reward for every frame
+    # the node's default 5 Hz admission of the 10 Hz bag: every other frame, and the last one at the end
+    n = bag_episodes[0]["n_frames"]
+    assert [f["frame_index"] for f in bag_frames] == sorted(set(range(0, n, 2)) | {n - 1})

@@ -6,6 +6,7 @@ and its success probability the mean of its green channel / 255, so a test scrip
 publishing frames of the right colour (jpeg keeps a flat colour's mean within a few levels). A frame with a
 blue mean above 250 makes `score` raise ModelOutputError (the engine's NaN-output error); a frame with a blue
 mean in (200, 250] makes the first `add_frame` of it fail (a transient encoder error; the retry succeeds).
+`check_instruction` refuses instructions over 200 characters and raises on one containing "[crash]".
 
 Run as a node (`python -m support.scripted_engine --ros-args ...`): the real reward node's `main` with this
 double installed through the node's engine factory seam. The "bundle" must be an existing directory (a
@@ -71,6 +72,14 @@ class ScriptedRewardEngine:
                 raise RuntimeError("scripted transient encoder failure")
             self._features[frame_id] = (float(means[0]), float(means[1]), float(means[2]))
             self.added += 1
+
+    def check_instruction(self, instruction: str) -> None:
+        """Instructions longer than 200 characters do not fit (as a bundle's prompt limit); one containing
+        "[crash]" makes the check raise RuntimeError (a tokenizer that breaks: the node must survive it)."""
+        if "[crash]" in instruction:
+            raise RuntimeError("scripted tokenizer crash")
+        if len(instruction) > 200:
+            raise ValueError(f"instruction of {len(instruction)} characters is longer than the scripted 200")
 
     def forget(self, frame_ids: Sequence[Hashable]) -> None:
         """Drop cached frames."""

@@ -1,8 +1,8 @@
 """The committed default bundle opens, validates and scores the committed demo episodes sensibly.
 
-Scoring follows the node: after every new frame, the frames so far are subsampled to the bundle's frame
-count (first and newest kept) and scored; the per-step progress and success probability go through an
-EpisodeMonitor with the demo's settings, and the episode is ended at its last frame.
+Scoring is the node's: each bag is replayed through the ScoringSession with the node's default parameters
+(config/reward_node.yaml) plus the demo's (robometer_ros.demo.NODE_PARAMETERS), its monitor included, and the
+episode is ended at its last frame.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 from robometer_ros import demo
 from robometer_ros.engine.bundle import Bundle
 from robometer_ros.engine.reward_engine import RewardEngine
-from robometer_ros.episode import subsample_indices
-from robometer_ros.monitor import EpisodeMonitor, EventKind, FailureReason, MonitorConfig
+from robometer_ros.monitor import EventKind, FailureReason
+from robometer_ros.node_parameters import default_parameters_file, load_parameters
+from robometer_ros.session import ScoringSession, SessionConfig, replay
 from robometer_ros.training.metaworld import DEFAULT_FRAME_SIZE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,22 +40,15 @@ def engine() -> RewardEngine:
 
 
 def _replay(engine: RewardEngine, path: Path) -> tuple[np.ndarray, np.ndarray, list, np.ndarray]:
-    """Per-step (progress, success probability) at the newest frame, the monitor's events, and the
-    per-frame progress of the last step (8 frames spanning the whole episode)."""
+    """Per-step (progress, success probability) at the newest frame, the monitor's events (the end verdict
+    included), and the per-frame progress of the last step (8 frames spanning the whole episode)."""
     episode = demo.read_demo_bag(path)
-    config = MonitorConfig(stall_timeout_s=demo.NODE_PARAMETERS["monitor.stall_timeout_s"])
-    monitor = EpisodeMonitor(config)
-    engine.clear()
-    progress, success, events = [], [], []
-    for index, (stamp, frame) in enumerate(zip(episode.stamps_ns, episode.frames)):
-        engine.add_frame(index, frame)
-        ids = [int(i) for i in subsample_indices(index + 1, engine.num_frames)]
-        scores = engine.score(episode.instruction, ids)
-        progress.append(float(scores.progress[-1]))
-        success.append(float(scores.success_probability[-1]))
-        events += monitor.update(stamp / 1e9, progress[-1], success[-1])
-    events += monitor.end(episode.stamps_ns[-1] / 1e9)
-    return np.array(progress), np.array(success), events, np.asarray(scores.progress)
+    parameters = {**load_parameters([default_parameters_file()]), **demo.NODE_PARAMETERS}
+    session = ScoringSession(engine, SessionConfig.from_parameters(parameters))
+    result = replay(session, episode.instruction, episode.stamps_ns, episode.frames)
+    progress = np.array([s.progress for s in result.steps])
+    success = np.array([s.success_probability for s in result.steps])
+    return progress, success, result.events, np.asarray(result.steps[-1].frame_progress)
 
 
 def test_bundle_opens_and_validates() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
+from robometer_ros.monitor import MonitorConfig
+from robometer_ros.session import ScoringSession, SessionConfig
 from robometer_ros.training.data import InMemoryDataset
 from robometer_ros.training.evaluate import (
     EvalOptions,
@@ -24,7 +27,6 @@ from robometer_ros.training.evaluate import (
 from robometer_ros.training.score import (
     assign_ranks,
     companion_path,
-    prefix_ends,
     score_episode,
     score_trajectories,
     write_tables,
@@ -63,6 +65,38 @@ class OraclePredictor:
         b = [p[-1] for p, _ in self.score(instructions, frames_b)]
         return [1.0 / (1.0 + math.exp(-20.0 * (x - y))) for x, y in zip(a, b)]
 
+    @property
+    def engine(self) -> OracleEngine:
+        return OracleEngine()
+
+
+class OracleEngine:
+    """The oracle behind the engine interface the ScoringSession scores through."""
+
+    num_frames = 8
+
+    def __init__(self) -> None:
+        self.frames: dict = {}
+
+    def add_frame(self, frame_id, image) -> None:
+        self.frames[frame_id] = image
+
+    def forget(self, frame_ids) -> None:
+        for frame_id in frame_ids:
+            self.frames.pop(frame_id, None)
+
+    def score(self, instruction, frame_ids):
+        from robometer_ros.training.evaluate import StepScores
+
+        progress = np.asarray([OraclePredictor._progress(instruction, self.frames[i]) for i in frame_ids])
+        return StepScores(progress, (progress > 0.95) * 0.9 + 0.05)
+
+
+# Every frame admitted (the squares episodes are 12-16 frames at 10 Hz); stalls off; the oracle's success
+# shows only at the very last frame, so the end verdict looks at that one.
+SESSION = SessionConfig(frame_rate=0.0, monitor=MonitorConfig(stall_timeout_s=0.0, regression_margin=0.3,
+                                                              end_window_steps=1))
+
 
 @pytest.fixture(scope="module")
 def collection() -> InMemoryDataset:
@@ -70,12 +104,14 @@ def collection() -> InMemoryDataset:
 
 
 def test_oracle_scores_well_on_every_metric(tmp_path: Path, collection: InMemoryDataset) -> None:
-    options = EvalOptions(max_pairs=50, num_plots=4, batch_size=5, seed=1)
+    options = EvalOptions(max_pairs=50, num_plots=4, batch_size=5, seed=1, session=SESSION)
     metrics = evaluate_collection(OraclePredictor(), collection, options, tmp_path, {"model": "oracle"})
     overall = metrics["overall"]
     assert overall["episodes"] == 12 and overall["ranking_tasks"] == 3
     assert overall["voc"] > 0.95
     assert overall["failure_f1"] == 1.0  # failures stop half-way: low final progress and success
+    # the node's verdicts: failures slide back (REGRESSED) and end without success; nothing else is flagged
+    assert overall["node_f1"] == 1.0 and overall["node_false_alarm_rate"] == 0.0
     assert overall["preference_accuracy_different_task"] == 1.0  # the other colour is absent: progress 0
     assert overall["preference_accuracy_different_quality"] > 0.7
     assert overall["pairs"] == 3 * 5 + 24  # every quality pair and every different-task pair (under 50)
@@ -84,6 +120,13 @@ def test_oracle_scores_well_on_every_metric(tmp_path: Path, collection: InMemory
     assert record["settings"]["model"] == "oracle" and record["settings"]["failure_rule"] == {
         "success_threshold": 0.5, "progress_threshold": 0.5}
     assert len(record["episodes"]) == 12 and len(record["episodes"][0]["predicted_progress"]) == 8
+    verdicts = {v["episode_id"]: v for v in record["node_verdicts"]}
+    assert len(verdicts) == 12
+    for episode in record["episodes"]:
+        verdict = verdicts[episode["episode_id"]]
+        assert verdict["predicted_failure"] == (episode["quality_label"] == FAILURE)
+        assert verdict["steps"] >= 12  # every frame of the episode was a scoring step
+    assert "node monitor" in record["settings"]["node_verdicts"]["rule"]
     assert len(list((tmp_path / "plots").glob("*.png"))) == 4
     table = format_table(metrics)
     assert table.splitlines()[2].startswith("overall") and "squares_b" in table
@@ -111,26 +154,21 @@ def test_failure_rule_needs_both_low_success_and_low_progress() -> None:
     assert not rule(np.array([0.0, 0.2]), np.array([0.0, 0.6]))  # looks done
 
 
-def test_prefix_ends_and_ranks() -> None:
-    assert prefix_ends(5, 1) == [0, 1, 2, 3, 4]
-    assert prefix_ends(10, 4) == [3, 7, 9]
-    assert prefix_ends(2, 4) == [1]
-    with pytest.raises(ValueError, match="stride"):
-        prefix_ends(3, 0)
-
-
 def test_score_tables_rank_and_round_trip(tmp_path: Path, collection: InMemoryDataset) -> None:
-    predictor = OraclePredictor()
-    episodes = score_trajectories(predictor, collection, stride=3, batch_size=4)
+    # 5 Hz admission of the 10 Hz episodes, as on the robot: every other frame, and the last one at the end
+    episodes = score_trajectories(OracleEngine(), collection, replace(SESSION, frame_rate=5.0))
     assert len(episodes) == 12
     for episode in episodes:
         trajectory = next(t for t in collection if t.episode_id == episode.episode_id)
-        assert list(episode.frame_indices) == prefix_ends(len(trajectory), 3)
-        # dense reward at frame t = the oracle's progress of frame t (the last frame of its prefix)
+        n = len(trajectory)
+        assert list(episode.frame_indices) == sorted(set(range(0, n, 2)) | {n - 1})
+        # dense reward at frame t = the oracle's progress of frame t (the newest frame of its step)
         expected = [OraclePredictor._progress(trajectory.instruction, trajectory.frames[t])
                     for t in episode.frame_indices]
         np.testing.assert_allclose(episode.frame_progress, expected, atol=1e-6)
+        np.testing.assert_allclose(episode.frame_reward, episode.frame_progress, atol=1e-6)  # reward_mode progress
         assert episode.predicted_failure == (trajectory.quality_label == FAILURE)
+        assert episode.verdict == ("failed:LOW_SUCCESS_AT_END" if episode.predicted_failure else "succeeded")
     by_task: dict[str, list] = {}
     for episode in episodes:
         by_task.setdefault(episode.instruction, []).append(episode)
@@ -158,7 +196,7 @@ def test_score_tables_rank_and_round_trip(tmp_path: Path, collection: InMemoryDa
 
 def test_single_episode_ranks() -> None:
     trajectory = make_trajectories(1)[0]
-    episode = score_episode(OraclePredictor(), trajectory, stride=100)
-    assert list(episode.frame_indices) == [len(trajectory) - 1]
+    episode = score_episode(ScoringSession(OracleEngine(), replace(SESSION, frame_rate=0.5)), trajectory)
+    assert list(episode.frame_indices) == [0, len(trajectory) - 1]  # the first frame, and the last at the end
     assign_ranks([episode])
     assert (episode.rank_in_task, episode.rank_overall, episode.percentile_overall) == (1, 1, 1.0)
