@@ -33,7 +33,7 @@ import numpy as np
 
 from robometer_ros.episode import subsample_indices
 from robometer_ros.training.evaluate import FailureRule, Predictor, add_model_arguments, open_predictor
-from robometer_ros.trajectory import Trajectory
+from robometer_ros.trajectory import UNKNOWN, Trajectory
 
 EPISODE_COLUMNS = (
     "episode_id", "instruction", "data_source", "quality_label", "embodiment", "n_frames",
@@ -225,7 +225,7 @@ def _bag_trajectories(args: argparse.Namespace) -> Iterable[Trajectory]:
         image_topic=args.image_topic,
         instruction=args.instruction,
         instruction_topic=args.instruction_topic,
-        unknown_label="successful",
+        unknown_label=UNKNOWN,
         min_frames=1,
         max_frames=args.max_frames,
         data_source=args.data_source,
