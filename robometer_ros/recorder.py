@@ -32,7 +32,8 @@ What a crash, a full disk or an unwritable directory can lose (issue 11):
   rosbags), hands it to the OS and fsyncs it (sqlite3: commits). A bag cut short by SIGKILL or power loss
   has no summary and no metadata.yaml; ``robometer-dataset repair BAG`` rebuilds both from the flushed
   chunks (robometer_ros.training.bag_repair).
-* on a disk getting full: the free space is checked before an episode opens and at every flush; below
+* on a disk getting full: the free space is checked before an episode opens, at every flush and after
+  every quarter of ``min_free_mb`` written; below
   ``min_free_mb`` the episode's bag is closed cleanly (readable, label key ``LABEL_STOPPED`` says why)
   while there is still room for its index and metadata, and no new bag is opened until space is back.
 
@@ -282,6 +283,7 @@ class _Episode:
     failed: bool = False
     dropped: int = 0
     unflushed: int = 0  # messages handed to the writer since the last flush
+    bytes_since_space_check: int = 0
     last_flush: float = field(default_factory=time.monotonic)
 
 
@@ -630,12 +632,21 @@ class EpisodeRecorder:
                 episode.connections[key] = connection
             episode.writer.write(connection, stamp_ns, data)
             episode.unflushed += 1
+            episode.bytes_since_space_check += len(data)
         except Exception as exc:
             episode.dropped += 1
             self._count(dropped_not_written=1)
             self._fail_episode(episode, f"write to {episode.path} failed: {type(exc).__name__}: {exc}")
             return
         self._count(messages_written=1)
+        if self.min_free_mb and episode.bytes_since_space_check >= self.min_free_mb * 2**20 / 4:
+            # A fast camera can write more than the margin between two flushes: look again after every
+            # quarter of it, so the bag is closed while its index and metadata still fit.
+            episode.bytes_since_space_check = 0
+            low = self._low_space(episode.path)
+            if low:
+                self._fail_episode(episode, f"stopped recording episode {episode.episode_id}: {low}; its bag "
+                                            "is closed with what was written")
 
     def _finish(self, episode: _Episode, outcome: int, note: str, verdict: str, status_msg: Any) -> None:
         """Write the final status and label, then close the bag (no-op for an episode that failed)."""
