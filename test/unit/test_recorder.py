@@ -554,3 +554,20 @@ def test_new_arguments_are_checked() -> None:
         EpisodeRecorder("/tmp/x", flush_s=0)
     with pytest.raises(ValueError, match="min_free_mb"):
         EpisodeRecorder("/tmp/x", min_free_mb=-1)
+
+
+def test_sqlite3_bags_are_committed_at_each_flush(tmp_path: Path) -> None:
+    """The sqlite3 storage writes one transaction: a flush commits it, so a crash keeps the rows
+    (`ros2 bag reindex` rebuilds metadata.yaml from them)."""
+    import sqlite3
+
+    rec = EpisodeRecorder(tmp_path, storage="sqlite3", topics=TOPICS, flush_s=30.0)
+    rec.start_episode("ep", "x")
+    for i in range(3):
+        rec.record_image(image(T0 + i * STEP_NS, i))
+    assert rec.flush(10.0) and rec.status().ok
+    (database,) = (tmp_path / "ep").glob("*.db3")
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as reader:  # another connection: committed rows only
+        assert reader.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 4
+    rec.close()
+    assert len(read_bag(tmp_path / "ep")[0]["/cam/image_raw"]) == 3
