@@ -17,6 +17,7 @@ setup(
     install_requires=[
         "numpy>=1.24",
         "pillow",
+        "simplejpeg>=1.9",
         "pyyaml",
         "tokenizers>=0.20",
         "onnx>=1.16",
@@ -35,6 +36,7 @@ setup(
             "matplotlib",
             "pyarrow",
             "av",
+            "mcap>=1.6",
         ],
         "sim": ["metaworld==3.1.1", "mujoco==3.3.0", "packaging", "imageio"],
         "tensorrt": ["tensorrt"],

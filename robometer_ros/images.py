@@ -4,15 +4,41 @@ Works on the fields of `sensor_msgs/Image` and `sensor_msgs/CompressedImage` (an
 attributes: rclpy messages, rosbags messages), so the same code runs on a ROS install and in a PyPI-only
 venv. Why not cv_bridge: the PyPI cv-bridge breaks with numpy 2 / OpenCV 5, and a ROS install's cv_bridge
 pulls OpenCV into a node that only needs a reshape; why not rosbags-image: it needs OpenCV too. Raw
-encodings are a reshape plus a channel shuffle in numpy; jpeg / png go through PIL.
+encodings are a reshape plus a channel shuffle in numpy; jpeg goes through simplejpeg (libjpeg-turbo,
+strict), png through PIL.
 
-Every failure raises `ImageConversionError`, whose `reason` is a short stable key (for counters in
-diagnostics) and whose message names the problem and, where there is one, the fix.
+Hostile input: every size is checked from the message's header fields (raw) or the declared size in the
+JPEG / PNG header (compressed) *before* anything is decoded or allocated, against ``max_pixels``
+(default ``DEFAULT_MAX_PIXELS``, 4096x2160: DCI and UHD 4K). Corrupt compressed data is rejected rather
+than decoded to garbage: JPEG is decoded by libjpeg-turbo in strict mode (its "corrupt data" and
+"premature end" warnings are errors), PNG's CRC-32 of every chunk is checked before decoding. A flipped
+bit inside a JPEG's entropy-coded data can still decode without any warning (JPEG carries no checksum);
+test/unit/test_images.py measures how often.
+
+Every failure raises `ImageConversionError`, whose `reason` is one of ``IMAGE_ERROR_REASONS`` (a short
+stable key for counters in diagnostics) and whose message names the problem and, where there is one, the
+fix:
+
+===================== ===================================================================================
+reason                meaning
+===================== ===================================================================================
+empty                 zero width or height, or no data
+too_large             declared width*height above max_pixels (raw header or JPEG / PNG header)
+truncated             raw data shorter than step*height
+bad_layout            raw fields that do not fit together: step < width*bytes per pixel, data longer than
+                      step*height, an odd width for 4:2:2 YUV
+depth                 a depth image (16UC1, 32FC1, compressedDepth, ...)
+unsupported_encoding  a raw encoding not in SUPPORTED_ENCODINGS (e.g. bayer_*)
+unsupported_format    compressed data that is an image but not JPEG / PNG (BMP, WebP, CMYK JPEG, ...)
+decode_failed         compressed data that is not a valid JPEG / PNG: garbage, cut short, or corrupt
+                      (entropy-coding errors, a chunk CRC mismatch)
+===================== ===================================================================================
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any
 
 import numpy as np
@@ -43,26 +69,59 @@ _DEPTH_ENCODINGS = {"16UC1", "32FC1", "16SC1", "32SC1", "64FC1"}
 SUPPORTED_ENCODINGS: tuple[str, ...] = tuple(_RAW_ENCODINGS) + tuple(_YUV422_ENCODINGS)
 SUPPORTED_COMPRESSED_FORMATS: tuple[str, ...] = ("jpeg", "png")
 
+# 4096x2160 (DCI 4K; UHD 3840x2160 fits too): a frame's RGB copy is at most 26.5 MB.
+DEFAULT_MAX_PIXELS = 4096 * 2160
+IMAGE_ERROR_REASONS: tuple[str, ...] = (
+    "empty",
+    "too_large",
+    "truncated",
+    "bad_layout",
+    "depth",
+    "unsupported_encoding",
+    "unsupported_format",
+    "decode_failed",
+)
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
 
 class ImageConversionError(ValueError):
-    """An image that cannot be turned into RGB; `reason` is a short key for counting (e.g. "depth")."""
+    """An image that cannot be turned into RGB; `reason` is one of IMAGE_ERROR_REASONS (e.g. "depth")."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
+def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+    if width * height > max_pixels:
+        raise ImageConversionError(
+            "too_large",
+            f"{what} declares {width}x{height} = {width * height} pixels, more than max_pixels = {max_pixels}; "
+            "lower the camera resolution or raise the limit",
+        )
+
+
 def raw_to_rgb(
-    height: int, width: int, encoding: str, is_bigendian: int | bool, step: int, data: Any
+    height: int,
+    width: int,
+    encoding: str,
+    is_bigendian: int | bool,
+    step: int,
+    data: Any,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Convert the fields of a `sensor_msgs/Image` into a new uint8 RGB array of shape (height, width, 3).
 
     Handles row padding (`step` larger than a packed row) and big-endian 16-bit data; 16-bit channels
-    are scaled to 8 bit by keeping the high byte. Raises ImageConversionError for depth images,
-    unsupported encodings, and data or step that do not fit the size.
+    are scaled to 8 bit by keeping the high byte. Raises ImageConversionError for images larger than
+    `max_pixels` (checked from the fields, before any allocation), depth images, unsupported encodings,
+    and data or step that do not fit the size.
     """
+    height, width, step = int(height), int(width), int(step)
     if height <= 0 or width <= 0:
         raise ImageConversionError("empty", f"empty image: {width}x{height}")
+    _check_pixels(width, height, max_pixels, f"image ({encoding})")
     if encoding in _DEPTH_ENCODINGS:
         raise ImageConversionError(
             "depth",
@@ -105,17 +164,24 @@ def _rows(buffer: Any, height: int, width: int, bytes_per_pixel: int, step: int,
     row_bytes = width * bytes_per_pixel
     if step < row_bytes:
         raise ImageConversionError(
-            "bad_step",
+            "bad_layout",
             f"step {step} is smaller than width*bytes_per_pixel = {width}*{bytes_per_pixel} = {row_bytes} "
             f"for {encoding} {width}x{height}",
         )
-    needed = step * (height - 1) + row_bytes
+    needed = step * (height - 1) + row_bytes  # the last row may lack its padding
     flat = np.frombuffer(buffer, dtype=np.uint8)
     if flat.size < needed:
         raise ImageConversionError(
             "truncated",
             f"truncated image data: {flat.size} bytes for {encoding} {width}x{height} with step {step} "
             f"(needs {step * height})",
+        )
+    if flat.size > step * height:
+        # More data than the header declares: width, height or step are wrong, so rows would be misread.
+        raise ImageConversionError(
+            "bad_layout",
+            f"{flat.size} bytes of image data for {encoding} {width}x{height} with step {step}, which needs "
+            f"{step * height}: height, width or step is wrong",
         )
     if step == row_bytes:
         return flat[: height * row_bytes].reshape(height, row_bytes)
@@ -128,7 +194,7 @@ def _yuv422_to_rgb(
 ) -> np.ndarray:
     """Packed 4:2:2 YUV (BT.601, limited range) -> RGB."""
     if width % 2:
-        raise ImageConversionError("bad_size", f"{encoding} needs an even width, got {width}")
+        raise ImageConversionError("bad_layout", f"{encoding} needs an even width, got {width}")
     quads = rows.reshape(rows.shape[0], width // 2, 4).astype(np.float32)
     y0, u, y1, v = (quads[:, :, i] for i in offsets)
     y = np.stack([y0, y1], axis=2).reshape(rows.shape[0], width) - 16.0
@@ -140,31 +206,67 @@ def _yuv422_to_rgb(
     return np.clip(np.stack([r, g, b], axis=2) + 0.5, 0, 255).astype(np.uint8)
 
 
-def compressed_to_rgb(format: str, data: Any) -> np.ndarray:
+def compressed_to_rgb(format: str, data: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode the fields of a `sensor_msgs/CompressedImage` (jpeg or png) into uint8 RGB (H, W, 3).
 
     `format` is the image_transport string (e.g. "jpeg", "rgb8; jpeg compressed bgr8"); the codec is
-    detected from the bytes, so only compressedDepth is rejected by name. Raises ImageConversionError
-    for depth, undecodable or empty data.
+    detected from the bytes, so only compressedDepth is rejected by name. The size declared in the
+    JPEG / PNG header is checked against `max_pixels` before decoding; corrupt data is an error, not a
+    garbage image (see the module docstring). Raises ImageConversionError for depth, too large, corrupt,
+    undecodable or empty data.
     """
-    if "compresseddepth" in format.lower().replace(" ", ""):
+    if "compresseddepth" in str(format).lower().replace(" ", ""):
         raise ImageConversionError(
             "depth", f"compressedDepth image ({format!r}): point image_topic at a color camera"
         )
     raw = bytes(data)
     if not raw:
         raise ImageConversionError("empty", f"empty CompressedImage data (format {format!r})")
+    if raw.startswith(_JPEG_MAGIC):
+        return _decode_jpeg(raw, format, max_pixels)
+    if raw.startswith(_PNG_MAGIC):
+        return _decode_png(raw, format, max_pixels)
+    raise _not_jpeg_or_png(raw, format)
+
+
+def _decode_failed(raw: bytes, format: str, err: BaseException) -> ImageConversionError:
+    return ImageConversionError(
+        "decode_failed", f"cannot decode CompressedImage (format {format!r}, {len(raw)} bytes): {err}"
+    )
+
+
+def _decode_jpeg(raw: bytes, format: str, max_pixels: int) -> np.ndarray:
+    import simplejpeg  # libjpeg-turbo; only where compressed images are used
+
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
+    except ValueError as err:
+        raise _decode_failed(raw, format, err) from err
+    if height <= 0 or width <= 0:
+        raise ImageConversionError("empty", f"empty JPEG: {width}x{height} (format {format!r})")
+    _check_pixels(width, height, max_pixels, "JPEG header")
+    if colorspace in ("CMYK", "YCCK"):
+        raise ImageConversionError(
+            "unsupported_format", f"{colorspace} JPEG (format {format!r}): publish an RGB or grey JPEG"
+        )
+    try:
+        # strict: libjpeg's recoverable "corrupt data" / "premature end" warnings raise instead of
+        # returning an image patched with grey.
+        return simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True)
+    except ValueError as err:
+        raise _decode_failed(raw, format, err) from err
+
+
+def _decode_png(raw: bytes, format: str, max_pixels: int) -> np.ndarray:
     from PIL import Image as PILImage  # PIL only where compressed images are used
 
     try:
-        with PILImage.open(io.BytesIO(raw)) as image:
-            image.load()  # decode now: a truncated file fails here, not later
-            if image.format not in ("JPEG", "PNG"):
-                raise ImageConversionError(
-                    "unsupported_format",
-                    f"unsupported compressed format {image.format} (format field {format!r}); "
-                    f"supported: {', '.join(SUPPORTED_COMPRESSED_FORMATS)}",
-                )
+        with PILImage.open(io.BytesIO(raw), formats=("PNG",)) as image:  # reads the header chunks only
+            width, height = image.size
+            _check_pixels(width, height, max_pixels, "PNG header")
+            image.verify()  # the CRC-32 of every chunk, without decoding
+        with PILImage.open(io.BytesIO(raw), formats=("PNG",)) as image:
+            image.load()
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16-bit grey png: keep the high byte, as for raw mono16.
                 grey = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
@@ -172,17 +274,37 @@ def compressed_to_rgb(format: str, data: Any) -> np.ndarray:
             return np.array(image.convert("RGB"), dtype=np.uint8)
     except ImageConversionError:
         raise
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for garbage / truncated data
+    except PILImage.DecompressionBombError as err:  # PIL's own limit (at open), far above DEFAULT_MAX_PIXELS
+        width, height = struct.unpack(">II", raw[16:24])  # IHDR is the first chunk: PIL has just read it
         raise ImageConversionError(
-            "decode_failed", f"cannot decode CompressedImage (format {format!r}, {len(raw)} bytes): {err}"
+            "too_large", f"PNG header declares {width}x{height} = {width * height} pixels, more than PIL's "
+            f"decompression-bomb limit ({err})"
         ) from err
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError, zlib.error ... on bad data
+        raise _decode_failed(raw, format, err) from err
 
 
-def image_msg_to_rgb(msg: Any, max_pixels: int | None = None) -> np.ndarray:
+def _not_jpeg_or_png(raw: bytes, format: str) -> ImageConversionError:
+    """unsupported_format when PIL recognises another image format, else decode_failed."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(raw)) as image:  # the header only: names the format
+            name = image.format
+    except Exception as err:  # garbage: PIL cannot even tell a format
+        return _decode_failed(raw, format, err)
+    return ImageConversionError(
+        "unsupported_format",
+        f"unsupported compressed format {name} (format field {format!r}); "
+        f"supported: {', '.join(SUPPORTED_COMPRESSED_FORMATS)}",
+    )
+
+
+def image_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """`sensor_msgs/Image` (any object with its fields) -> uint8 RGB (H, W, 3)."""
-    return raw_to_rgb(msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data)
+    return raw_to_rgb(msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data, max_pixels)
 
 
-def compressed_msg_to_rgb(msg: Any, max_pixels: int | None = None) -> np.ndarray:
+def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """`sensor_msgs/CompressedImage` (any object with its fields) -> uint8 RGB (H, W, 3)."""
-    return compressed_to_rgb(msg.format, msg.data)
+    return compressed_to_rgb(msg.format, msg.data, max_pixels)

@@ -138,6 +138,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "label)"),
     ParamSpec("record_dir", "~/robometer_episodes", "directory the episode bags are written to"),
     ParamSpec("record_storage", "mcap", "bag storage format", choices=RECORD_STORAGES),
+    ParamSpec("record_flush_s", 1.0, "seconds of an open episode's recording held in memory at most: the bag is "
+              "flushed and synced to disk this often, so a crash loses at most this much", low=0.05, high=60.0),
+    ParamSpec("record_min_free_mb", 200.0, "free disk space (MB) below which recording stops cleanly (checked "
+              "before and during an episode); 0 = no check", low=0.0, high=1.0e7),
     ParamSpec("diagnostics_period", 1.0, "seconds (wall clock, whatever the ROS clock does) between "
               "/diagnostics messages", AT_STARTUP, low=0.05, high=60.0),
     ParamSpec("no_frame_warning_s", 2.0, "seconds without a camera frame before diagnostics warn", LIVE,

@@ -21,19 +21,40 @@ through ``record_serialized``. rclpy is imported lazily, only when an rclpy mess
 be changed after it is handed over (it is serialized later, on the writer thread).
 
 Threading and failure: the caller's methods only append to a bounded queue and never block or raise for I/O.
-A full queue drops the data message and counts it; episode start/end commands are never dropped. A write
-error (full disk, unwritable directory) puts the recorder in an error state that ``status()`` reports; the
-episode being written is closed as far as possible and later messages of it are counted as dropped; bags
-of earlier episodes were closed at their end and are not touched again.
+A full queue drops the data message and counts it; episode start/end commands are never dropped.
+
+What a crash, a full disk or an unwritable directory can lose (issue 11):
+
+* a closed episode: nothing. Its bag was closed (MCAP summary, metadata.yaml) at its end and is never
+  touched again.
+* the episode in progress: at most ``flush_s`` seconds of it (default 1 s) plus what was still queued.
+  Every ``flush_s`` the writer thread ends the MCAP chunk in progress (chunks are also ended at 1 MiB by
+  rosbags), hands it to the OS and fsyncs it (sqlite3: commits). A bag cut short by SIGKILL or power loss
+  has no summary and no metadata.yaml; ``robometer-dataset repair BAG`` rebuilds both from the flushed
+  chunks (robometer_ros.training.bag_repair).
+* on a disk getting full: the free space is checked before an episode opens, at every flush and after
+  every quarter of ``min_free_mb`` written; below
+  ``min_free_mb`` the episode's bag is closed cleanly (readable, label key ``LABEL_STOPPED`` says why)
+  while there is still room for its index and metadata, and no new bag is opened until space is back.
+
+A write error, an unwritable directory or too little space puts the recorder in an error state that
+``status()`` reports (``ok`` False) and that stays until recording works again: until a later episode's
+data reaches the disk (a flush or a close succeeds). Every error goes to ``on_error`` (the node passes its
+ROS logger) or, without one, to this module's logger. The episode that failed is closed as far as possible
+and its later messages are counted as dropped.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
+import os
 import re
+import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +72,7 @@ LABEL_OUTCOME = "robometer_ros.outcome"  # "unknown" / "success" / "failure" (Ep
 LABEL_NOTE = "robometer_ros.note"  # the robot stack's free-text note from ~/end_episode
 LABEL_VERDICT = "robometer_ros.monitor_verdict"  # the reward node's own verdict, e.g. "succeeded", "failed:STALLED"
 LABEL_DROPPED = "robometer_ros.dropped_messages"  # messages of this episode the recorder could not write
+LABEL_STOPPED = "robometer_ros.recording_stopped"  # why recording stopped before the episode ended ("" if not)
 
 OUTCOME_NAMES = {0: "unknown", 1: "success", 2: "failure"}
 _STATE_ENDED = 4  # EpisodeStatus.STATE_ENDED
@@ -89,6 +111,7 @@ class RecorderStatus:
         queued: messages waiting in the queue now.
         current_bag: the bag being written ("" when none).
         last_closed_bag: the most recent bag closed cleanly ("" when none).
+        free_mb: free space in MB where bags go, at the last check (NaN before the first).
     """
 
     ok: bool = True
@@ -103,6 +126,7 @@ class RecorderStatus:
     queued: int = 0
     current_bag: str = ""
     last_closed_bag: str = ""
+    free_mb: float = math.nan
 
     @property
     def dropped(self) -> int:
@@ -198,6 +222,38 @@ def _header_stamp_ns(msg: Any) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
+def _free_mb(path: Path) -> float:
+    """Free space (MB, for unprivileged writers) of the filesystem holding ``path`` or its nearest
+    existing ancestor."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free / 2**20
+
+
+def _sync_storage(writer: Any) -> bool:
+    """Put everything a rosbags Writer holds in memory on the disk; False if its storage offers no way.
+
+    rosbags' MCAP storage keeps the chunk in progress in memory (``storage.chunk``) until 1 MiB: end it
+    with ``close_chunk()`` (only when it holds messages: schema and channel records alone wait for the next
+    one), then flush the file and fsync it. The sqlite3 storage writes in one transaction: commit it.
+    """
+    storage = writer.storage
+    if storage is None:
+        return True
+    chunk = getattr(storage, "chunk", None)
+    if chunk is not None and hasattr(storage, "close_chunk") and hasattr(storage, "bio"):
+        if any(chunk.msgs.values()):
+            storage.close_chunk()
+        storage.bio.flush()
+        os.fsync(storage.bio.fileno())
+        return True
+    conn = getattr(storage, "conn", None)
+    if conn is not None:
+        conn.commit()
+        return True
+    return False
+
+
 def _payload_size(item: tuple[Any, ...]) -> int:
     """Bytes of a queued data item's payload (the image data; small messages count as 0)."""
     if item[0] == "raw":
@@ -210,7 +266,7 @@ def _payload_size(item: tuple[Any, ...]) -> int:
 
 
 # Queue items: ("start", episode_id, instruction), ("msg", topic, payload, stamp_ns, qos_kind),
-# ("raw", topic, msgtype, bytes, stamp_ns), ("end", outcome, note, verdict, status_msg), ("stop",)
+# ("raw", topic, msgtype, bytes, stamp_ns), ("end", outcome, note, verdict, status_msg), ("sync",), ("stop",)
 _Item = tuple[Any, ...]
 
 
@@ -226,6 +282,9 @@ class _Episode:
     last_stamp_ns: int = 0
     failed: bool = False
     dropped: int = 0
+    unflushed: int = 0  # messages handed to the writer since the last flush
+    bytes_since_space_check: int = 0
+    last_flush: float = field(default_factory=time.monotonic)
 
 
 class EpisodeRecorder:
@@ -254,6 +313,9 @@ class EpisodeRecorder:
         max_queue: int = 64,
         max_queue_bytes: int = 256 * 1024 * 1024,
         msg_dir: str | Path | None = None,
+        flush_s: float = 1.0,
+        min_free_mb: float = 200.0,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         """Start the writer thread. Never touches the disk here: directory problems show in ``status()``.
 
@@ -265,9 +327,15 @@ class EpisodeRecorder:
             max_queue_bytes: payload bytes (image data) waiting at most; with ``max_queue`` this bounds the
                 memory a slow disk can tie up (a 640x480 rgb8 frame is 0.9 MB, a 1080p one 6 MB).
             msg_dir: directory of robometer_ros's .msg files; default: ``find_msg_definitions()``.
+            flush_s: seconds of an episode at most held in memory before they are written and fsynced:
+                what a crash of the process (or the machine) can lose of the episode in progress.
+            min_free_mb: free space (MB) below which no episode is started and the one being written is
+                closed (while its index and metadata still fit); 0 turns the check off.
+            on_error: called (on the writer thread) with the text of every recorder error and per-message
+                problem, e.g. the node's ROS logger; default: this module's logger.
 
         Raises:
-            ValueError: unknown storage, max_queue < 1 or max_queue_bytes < 1.
+            ValueError: unknown storage, max_queue < 1, max_queue_bytes < 1, flush_s <= 0 or min_free_mb < 0.
             FileNotFoundError: the robometer_ros message definitions cannot be found.
         """
         if storage not in STORAGES:
@@ -276,6 +344,10 @@ class EpisodeRecorder:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
             raise ValueError(f"max_queue_bytes must be an integer >= 1, got {max_queue_bytes!r}")
+        if not (isinstance(flush_s, (int, float)) and math.isfinite(flush_s) and flush_s > 0):
+            raise ValueError(f"flush_s must be a number of seconds > 0, got {flush_s!r}")
+        if not (isinstance(min_free_mb, (int, float)) and math.isfinite(min_free_mb) and min_free_mb >= 0):
+            raise ValueError(f"min_free_mb must be a number >= 0, got {min_free_mb!r}")
         from rosbags.rosbag2 import StoragePlugin
 
         self.directory = Path(directory).expanduser()  # "~/robometer_episodes" from a params file
@@ -285,6 +357,10 @@ class EpisodeRecorder:
         self._typestore = make_typestore(None if msg_dir is None else Path(msg_dir))
         self._max_queue = max_queue
         self._max_queue_bytes = max_queue_bytes
+        self.flush_s = float(flush_s)
+        self.min_free_mb = float(min_free_mb)
+        self._on_error = on_error
+        self._warned_no_sync = False
         self._queued_bytes = 0
         self._items: collections.deque[_Item] = collections.deque()
         self._data_items = 0
@@ -351,7 +427,9 @@ class EpisodeRecorder:
             return replace(self._status, queued=self._data_items)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until everything queued so far is written; False if ``timeout`` seconds passed first."""
+        """Wait until everything queued so far is written and on the disk (fsynced); False if ``timeout``
+        seconds passed first."""
+        self._put(("sync",), data=False)
         with self._cond:
             return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
 
@@ -400,19 +478,25 @@ class EpisodeRecorder:
         episode: _Episode | None = None
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._items))
-                item = self._items.popleft()
+                timeout = None
+                if episode is not None and episode.unflushed and not episode.failed:
+                    timeout = max(0.0, episode.last_flush + self.flush_s - time.monotonic())
+                self._cond.wait_for(lambda: bool(self._items), timeout)
+                item = self._items.popleft() if self._items else ("sync",)  # timed out: flush deadline
                 if item[0] in ("msg", "raw"):
                     self._data_items -= 1
                     self._queued_bytes -= _payload_size(item)
                 self._busy = True
             kind = item[0]
             try:
-                if kind == "stop":
+                if kind == "sync":
+                    if episode is not None:
+                        self._flush(episode)
+                elif kind == "stop":
                     if episode is not None:
                         self._finish(episode, 0, "", "", None)
                     return
-                if kind == "start":
+                elif kind == "start":
                     if episode is not None:
                         self._finish(episode, 0, "", "", None)
                     episode = self._open(item[1], item[2])
@@ -429,8 +513,11 @@ class EpisodeRecorder:
                 else:
                     _, topic, msgtype, data, stamp_ns = item
                     self._write(episode, topic, msgtype, data, stamp_ns, False)
+                if (episode is not None and episode.unflushed and not episode.failed
+                        and time.monotonic() - episode.last_flush >= self.flush_s):
+                    self._flush(episode)
             except Exception as exc:  # the thread must survive anything; the node reads the error state
-                logger.exception("episode recorder: unexpected error")
+                logger.debug("episode recorder: unexpected error", exc_info=True)
                 self._error(f"unexpected {type(exc).__name__}: {exc}")
             finally:
                 with self._cond:
@@ -445,6 +532,12 @@ class EpisodeRecorder:
             path = self.directory / f"{name}_{suffix}"
             suffix += 1
         episode = _Episode(episode_id, instruction, path)
+        low = self._low_space(self.directory)
+        if low:
+            episode.failed = True
+            self._error(f"not recording episode {episode_id}: {low}")
+            return episode
+        writer = None
         try:
             from rosbags.rosbag2 import Writer
 
@@ -456,13 +549,15 @@ class EpisodeRecorder:
             episode.writer = writer
         except Exception as exc:
             episode.failed = True
+            if writer is not None and writer.storage is None and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)  # a bag directory with no storage file: not a bag
             self._error(f"cannot open bag {path}: {type(exc).__name__}: {exc}")
             return episode
         with self._cond:
             self._status = replace(
                 self._status,
-                ok=True,
-                message=f"recording episode {episode_id} to {path}",
+                # ok comes back only once this episode's data reaches the disk (see _recording_works)
+                message=f"recording episode {episode_id} to {path}" if self._status.ok else self._status.message,
                 episodes_started=self._status.episodes_started + 1,
                 current_bag=str(path),
             )
@@ -536,12 +631,22 @@ class EpisodeRecorder:
                 )
                 episode.connections[key] = connection
             episode.writer.write(connection, stamp_ns, data)
+            episode.unflushed += 1
+            episode.bytes_since_space_check += len(data)
         except Exception as exc:
             episode.dropped += 1
             self._count(dropped_not_written=1)
             self._fail_episode(episode, f"write to {episode.path} failed: {type(exc).__name__}: {exc}")
             return
         self._count(messages_written=1)
+        if self.min_free_mb and episode.bytes_since_space_check >= self.min_free_mb * 2**20 / 4:
+            # A fast camera can write more than the margin between two flushes: look again after every
+            # quarter of it, so the bag is closed while its index and metadata still fit.
+            episode.bytes_since_space_check = 0
+            low = self._low_space(episode.path)
+            if low:
+                self._fail_episode(episode, f"stopped recording episode {episode.episode_id}: {low}; its bag "
+                                            "is closed with what was written")
 
     def _finish(self, episode: _Episode, outcome: int, note: str, verdict: str, status_msg: Any) -> None:
         """Write the final status and label, then close the bag (no-op for an episode that failed)."""
@@ -563,11 +668,13 @@ class EpisodeRecorder:
             writer.set_custom_data(LABEL_NOTE, note)
             writer.set_custom_data(LABEL_VERDICT, verdict)
             writer.set_custom_data(LABEL_DROPPED, str(episode.dropped))
+            writer.set_custom_data(LABEL_STOPPED, "")
             writer.close()
         except Exception as exc:
             self._fail_episode(episode, f"closing {episode.path} failed: {type(exc).__name__}: {exc}")
             return
         episode.writer = None
+        self._recording_works(episode)
         with self._cond:
             self._status = replace(
                 self._status,
@@ -600,6 +707,50 @@ class EpisodeRecorder:
         )
         self._write_msg(episode, self.topics.episode_status, msg, 0, True)
 
+    def _flush(self, episode: _Episode) -> None:
+        """Write what the episode's writer holds to the disk (and check the free space first)."""
+        if episode.failed or episode.writer is None:
+            return
+        low = self._low_space(episode.path)
+        if low:
+            self._fail_episode(episode, f"stopped recording episode {episode.episode_id}: {low}; its bag "
+                                        "is closed with what was written")
+            return
+        try:
+            synced = _sync_storage(episode.writer)
+        except Exception as exc:
+            self._fail_episode(episode, f"writing {episode.path} to disk failed: {type(exc).__name__}: {exc}")
+            return
+        if not synced and not self._warned_no_sync:
+            self._warned_no_sync = True
+            self._report(f"this rosbags version's {self.storage} writer cannot be flushed: a crash may lose "
+                         "more than flush_s of an episode")
+        episode.unflushed = 0
+        episode.last_flush = time.monotonic()
+        self._recording_works(episode)
+
+    def _low_space(self, path: Path) -> str:
+        """Why there is too little space to record at ``path`` ("" when there is enough or no limit)."""
+        try:
+            free = _free_mb(path)
+        except OSError:
+            return ""  # cannot tell: opening or writing the bag reports the real problem
+        with self._cond:
+            self._status = replace(self._status, free_mb=free)
+        if free >= self.min_free_mb:
+            return ""
+        return (f"disk nearly full: {free:.0f} MB free on {path}, below min_free_mb {self.min_free_mb:g} "
+                "(free space or lower record_min_free_mb)")
+
+    def _recording_works(self, episode: _Episode) -> None:
+        """Data of ``episode`` reached the disk: an earlier error state ends here."""
+        with self._cond:
+            if self._status.ok:
+                return
+            self._status = replace(self._status, ok=True, message=f"recording episode {episode.episode_id} "
+                                                                  f"to {episode.path}")
+        logger.info("episode recorder: recording works again (%s)", episode.path)
+
     def _fail_episode(self, episode: _Episode, message: str) -> None:
         """Stop writing this episode; close what was written if the storage still allows it."""
         episode.failed = True
@@ -608,18 +759,32 @@ class EpisodeRecorder:
         if writer is None:
             return
         try:
+            for key in (LABEL_NOTE, LABEL_VERDICT):
+                writer.custom_data.setdefault(key, "")
+            writer.custom_data.setdefault(LABEL_OUTCOME, OUTCOME_NAMES[0])  # never ended: the outcome is unknown
             writer.set_custom_data(LABEL_DROPPED, str(episode.dropped))
+            writer.set_custom_data(LABEL_STOPPED, message)
             writer.close()  # keeps what was written readable when the failure was transient
         except Exception:
             try:
-                writer.abort()
+                writer.abort()  # what was flushed stays repairable (robometer-dataset repair)
             except Exception:
                 logger.debug("aborting %s failed too", episode.path, exc_info=True)
         with self._cond:
             self._status = replace(self._status, current_bag="")
 
+    def _report(self, message: str) -> None:
+        """Hand one error text to ``on_error`` (or the module logger)."""
+        if self._on_error is None:
+            logger.error("episode recorder: %s", message)
+            return
+        try:
+            self._on_error(message)
+        except Exception:  # a broken callback must not stop the recording
+            logger.exception("episode recorder: on_error failed; the error was: %s", message)
+
     def _error(self, message: str) -> None:
-        logger.error("episode recorder: %s", message)
+        self._report(message)
         with self._cond:
             self._status = replace(
                 self._status,
@@ -631,7 +796,7 @@ class EpisodeRecorder:
 
     def _note_error(self, message: str) -> None:
         """A problem with one message (not with the bag): remembered, but the recorder stays ok."""
-        logger.warning("episode recorder: %s", message)
+        self._report(message)
         with self._cond:
             self._status = replace(self._status, last_error=message)
 

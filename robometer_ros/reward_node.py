@@ -336,8 +336,10 @@ class RewardNode(LifecycleNode):
             episode_status=self.resolve_topic_name("~/episode"),
         )
         try:  # never touches the disk here: an unwritable directory shows up in status() (diagnostics)
-            self._recorder = EpisodeRecorder(str(self._param("record_dir")), storage=str(self._param("record_storage")),
-                                             topics=topics)
+            self._recorder = EpisodeRecorder(
+                str(self._param("record_dir")), storage=str(self._param("record_storage")), topics=topics,
+                flush_s=float(self._param("record_flush_s")), min_free_mb=float(self._param("record_min_free_mb")),
+                on_error=lambda text: self.get_logger().error(f"recording: {text}", throttle_duration_sec=5.0))
         except Exception as err:
             raise ConfigurationError(f"cannot record to {self._param('record_dir')!r}: {err}") from err
         self.get_logger().info(f"recording episodes to {self._recorder.directory} ({self._recorder.storage})")

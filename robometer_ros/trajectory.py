@@ -14,6 +14,10 @@ SUCCESSFUL = "successful"
 SUBOPTIMAL = "suboptimal"
 FAILURE = "failure"
 QUALITY_LABELS = (FAILURE, SUBOPTIMAL, SUCCESSFUL)  # worst to best: the gold ranking order
+# The outcome was never reported (a bag without an end-of-episode outcome): no gold rank, never a training
+# target (the pair sampler leaves these out) and left out of every label-based metric.
+UNKNOWN = "unknown"
+LABELS = (*QUALITY_LABELS, UNKNOWN)  # every value Trajectory.quality_label may take
 
 
 @dataclass
@@ -24,7 +28,7 @@ class Trajectory:
         instruction: the natural-language task.
         frames: uint8 RGB frames, shape [T, H, W, 3], oldest first.
         frame_stamps: capture time of each frame in seconds, shape [T], non-decreasing.
-        quality_label: one of QUALITY_LABELS (successful / suboptimal / failure).
+        quality_label: one of LABELS: successful / suboptimal / failure (QUALITY_LABELS), or unknown.
         partial_success: human partial-success score in [0, 1] where known (RoboReward-style data).
         progress: per-frame task progress in [0, 1] where known (e.g. from a simulator), shape [T].
         data_source: dataset or robot the episode came from (per-source cutoffs and metrics key on it).
@@ -57,8 +61,8 @@ class Trajectory:
             raise ValueError(
                 f"frame_stamps has shape {list(self.frame_stamps.shape)}, expected [{len(self.frames)}]"
             )
-        if self.quality_label not in QUALITY_LABELS:
-            raise ValueError(f"quality_label must be one of {QUALITY_LABELS}, got {self.quality_label!r}")
+        if self.quality_label not in LABELS:
+            raise ValueError(f"quality_label must be one of {LABELS}, got {self.quality_label!r}")
         if self.progress is not None:
             self.progress = np.asarray(self.progress, dtype=np.float32)
             if self.progress.shape != (len(self.frames),):

@@ -11,14 +11,18 @@ Reads bags written by the reward node's recorder and bags from any other robot s
   the recorder's per-bag episode label) when present, otherwise by time gaps between frames (and by
   instruction changes);
 * the quality label from the end-of-episode outcome (success -> successful, failure -> failure,
-  unknown -> a chosen default, or skip).
+  unknown -> "unknown" by default (left out of training pairs and label-based metrics, and said so in the
+  report), or a chosen label, or skip).
 
 Each bag is read twice: the first pass reads stamps and the small topics and decides the episodes and
 the frames to keep (frame-rate and max-frames subsampling), the second decodes only the kept frames and
 hands over one episode at a time, so memory holds one episode's kept frames.
 
 Nothing is dropped silently: unreadable bags, undecodable frames, frames outside any episode, and empty
-or too-short episodes are counted in the ImportReport with their reasons.
+or too-short episodes are counted in the ImportReport with their reasons. An MCAP bag cut short (the
+recorder killed, a full disk: no metadata.yaml or no MCAP summary) is named as such, with the command that
+repairs it (robometer_ros.training.bag_repair); with ``repair=True`` it is repaired in place and imported,
+and the report counts what was recovered.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np
 from robometer_ros.episode import subsample_indices
 from robometer_ros.images import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
 from robometer_ros.training.data import ImportTally, format_counts
-from robometer_ros.trajectory import FAILURE, QUALITY_LABELS, SUCCESSFUL, Trajectory
+from robometer_ros.trajectory import FAILURE, LABELS, SUCCESSFUL, UNKNOWN, Trajectory
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 STRING_TYPE = "std_msgs/msg/String"
@@ -68,13 +72,16 @@ class BagImportOptions:
             (one episode per bag).
         gap: seconds between frames that start a new episode in gap mode.
         split_on_instruction: in gap mode, also start a new episode when the instruction changes.
-        unknown_label: quality label of episodes without an outcome: a QUALITY_LABELS value or "skip".
+        unknown_label: quality label of episodes without an outcome: "unknown" (default), another LABELS
+            value, or "skip".
         max_fps: keep at most this many frames per second (None: all).
         max_frames: thin each episode evenly to at most this many frames, first and last kept (None: all).
         min_frames: episodes with fewer kept frames are skipped (and counted).
         shortest_edge: resize frames so the shorter side is this many pixels (None: keep the size).
         data_source: Trajectory.data_source of every episode.
         embodiment: Trajectory.embodiment of every episode.
+        repair: repair MCAP bags that were cut short (in place, the cut file kept as ``*.orig``) before
+            reading them; otherwise such a bag fails with the repair command in its error.
     """
 
     image_topic: str | None = None
@@ -85,19 +92,20 @@ class BagImportOptions:
     split: str = "auto"
     gap: float = 2.0
     split_on_instruction: bool = True
-    unknown_label: str = SUCCESSFUL
+    unknown_label: str = UNKNOWN
     max_fps: float | None = None
     max_frames: int | None = None
     min_frames: int = 3
     shortest_edge: int | None = None
     data_source: str = "rosbag"
     embodiment: str | None = None
+    repair: bool = False
 
     def __post_init__(self) -> None:
         if self.split not in ("auto", "episode_id", "gap", "none"):
             raise ValueError(f"split must be auto, episode_id, gap or none, got {self.split!r}")
-        if self.unknown_label not in (*QUALITY_LABELS, SKIP):
-            raise ValueError(f"unknown_label must be one of {(*QUALITY_LABELS, SKIP)}, got {self.unknown_label!r}")
+        if self.unknown_label not in (*LABELS, SKIP):
+            raise ValueError(f"unknown_label must be one of {(*LABELS, SKIP)}, got {self.unknown_label!r}")
         if self.gap <= 0:
             raise ValueError(f"gap must be > 0 seconds, got {self.gap}")
         if self.max_fps is not None and self.max_fps <= 0:
@@ -119,6 +127,7 @@ class ImportReport(ImportTally):
     bags_read: int = 0
     bags_failed: list[tuple[str, str]] = field(default_factory=list)
     frames_skipped: Counter = field(default_factory=Counter)
+    bags_repaired: list[tuple[str, int]] = field(default_factory=list)  # (bag, messages recovered)
 
     @property
     def ok(self) -> bool:
@@ -131,6 +140,7 @@ class ImportReport(ImportTally):
             "bags_read": self.bags_read,
             "bags_failed": [{"bag": bag, "error": error} for bag, error in self.bags_failed],
             "frames_skipped": dict(self.frames_skipped),
+            "bags_repaired": [{"bag": bag, "messages_recovered": count} for bag, count in self.bags_repaired],
             **self.tally_dict(),
         }
 
@@ -139,6 +149,11 @@ class ImportReport(ImportTally):
         lines = [f"bags read: {self.bags_read}, failed: {len(self.bags_failed)}", *self.tally_lines()]
         if self.frames_skipped:
             lines.append(f"frames skipped: {format_counts(self.frames_skipped)}")
+        lines += [f"repaired {bag} (cut short): {count} messages recovered" for bag, count in self.bags_repaired]
+        if self.labels.get(UNKNOWN):
+            lines.append(f"{self.labels[UNKNOWN]} episodes had no end-of-episode outcome and were imported as "
+                         f"'{UNKNOWN}' (left out of training pairs and label-based metrics; --unknown-label "
+                         "sets another label or skips them)")
         lines += [f"FAILED {bag}: {error}" for bag, error in self.bags_failed]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -622,9 +637,24 @@ def read_bag(bag: str | os.PathLike[str], options: BagImportOptions | None = Non
              report: ImportReport | None = None) -> Iterator[Trajectory]:
     """The trajectories of one bag, one episode at a time. Raises BagImportError for an unreadable bag
     or a missing topic; counts skipped episodes and frames in `report`."""
+    from robometer_ros.training.bag_repair import BagRepairError, needs_repair, repair_bag
+
     options = options or BagImportOptions()
     report = report if report is not None else ImportReport()
-    reader = _BagReader(Path(bag), options, report, _default_typestore())
+    bag = Path(bag)
+    if needs_repair(bag):
+        if not options.repair:
+            raise BagImportError(
+                f"{bag}: cut short (no metadata.yaml or no MCAP summary: the recording was interrupted); "
+                f"repair it with `robometer-dataset repair {bag}` or import with --repair"
+            )
+        try:
+            repaired = repair_bag(bag)
+        except BagRepairError as error:
+            raise BagImportError(f"{bag}: cut short and not repairable: {error}") from error
+        report.bags_repaired.append((str(bag), repaired.recovered))
+        bag = repaired.output or bag
+    reader = _BagReader(bag, options, report, _default_typestore())
     try:
         image_topic, episodes = reader.plan()
         yield from reader.trajectories(image_topic, episodes)

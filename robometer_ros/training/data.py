@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from robometer_ros.trajectory import QUALITY_LABELS, Trajectory
+from robometer_ros.trajectory import LABELS, Trajectory
 
 FORMAT_NAME = "robometer-trajectories"
 FORMAT_VERSION = 1
@@ -351,8 +351,8 @@ class TrajectoryCollection:
         wanted_instructions = None if instructions is None else set(instructions)
         wanted_sources = None if data_sources is None else set(data_sources)
         wanted_labels = None if quality_labels is None else set(quality_labels)
-        if wanted_labels is not None and not wanted_labels <= set(QUALITY_LABELS):
-            raise ValueError(f"unknown quality labels {sorted(wanted_labels - set(QUALITY_LABELS))}")
+        if wanted_labels is not None and not wanted_labels <= set(LABELS):
+            raise ValueError(f"unknown quality labels {sorted(wanted_labels - set(LABELS))}")
         positions = [
             position
             for position, meta in enumerate(self.metas)

@@ -1,6 +1,7 @@
 """`robometer-dataset`: build and inspect trajectory datasets.
 
-    robometer-dataset from-bags BAG_OR_FOLDER... --out DIR [--image-topic T] [--instruction TEXT] ...
+    robometer-dataset from-bags BAG_OR_FOLDER... --out DIR [--image-topic T] [--instruction TEXT] [--repair] ...
+    robometer-dataset repair BAG... [--out DIR] [--dry-run] [--delete-original]
     robometer-dataset from-hf ROWS.parquet|ROWS.jsonl... --out DIR [--media-dir DIR] ...
     robometer-dataset split DIR --val-fraction 0.1 [--by episode|task]
     robometer-dataset info DIR
@@ -31,7 +32,7 @@ from robometer_ros.training.data import (
     assign_splits,
     summarize,
 )
-from robometer_ros.trajectory import QUALITY_LABELS
+from robometer_ros.trajectory import LABELS, UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ def _configure_from_bags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gap", type=float, default=2.0, help="seconds between frames that start a new episode")
     parser.add_argument("--no-split-on-instruction", action="store_true",
                         help="in gap mode, do not start a new episode when the instruction changes")
-    parser.add_argument("--unknown-label", choices=(*QUALITY_LABELS, "skip"), default="successful",
-                        help="quality label of episodes without an end-of-episode outcome (or skip them)")
+    parser.add_argument("--unknown-label", choices=(*LABELS, "skip"), default=UNKNOWN,
+                        help="quality label of episodes without an end-of-episode outcome (default unknown: "
+                             "kept, but left out of training pairs and label-based metrics), or skip them")
     parser.add_argument("--max-fps", type=float, help="keep at most this many frames per second")
     parser.add_argument("--max-frames", type=int, help="thin each episode evenly to at most this many frames")
     parser.add_argument("--min-frames", type=int, default=3, help="skip (and count) shorter episodes")
@@ -95,6 +97,9 @@ def _configure_from_bags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-source", default="rosbag", help="data source name of the episodes")
     parser.add_argument("--embodiment", help="robot type of the episodes")
     parser.add_argument("--strict", action="store_true", help="stop at the first bag that cannot be read")
+    parser.add_argument("--repair", action="store_true",
+                        help="repair MCAP bags that were cut short (in place, the cut file kept as *.orig) and "
+                             "import them (default: report them, naming `robometer-dataset repair`)")
 
 
 def _run_from_bags(args: argparse.Namespace) -> int:
@@ -116,6 +121,7 @@ def _run_from_bags(args: argparse.Namespace) -> int:
         shortest_edge=args.shortest_edge,
         data_source=args.data_source,
         embodiment=args.embodiment,
+        repair=args.repair,
     )
     report = ImportReport()
     with open_writer(args) as writer:
@@ -210,6 +216,42 @@ def _run_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_repair(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bags", nargs="+", type=Path,
+                        help="MCAP bag directories or .mcap files (folders are searched for bags to repair)")
+    parser.add_argument("--out", type=Path,
+                        help="write repaired bags into this folder and leave the originals alone (default: in "
+                             "place, the cut file kept as <name>.mcap.orig)")
+    parser.add_argument("--delete-original", action="store_true", help="in place: do not keep the cut file")
+    parser.add_argument("--dry-run", action="store_true", help="only count what would be recovered")
+    parser.add_argument("--force", action="store_true", help="rewrite bags that look intact too")
+
+
+def _run_repair(args: argparse.Namespace) -> int:
+    from robometer_ros.training.bag_repair import BagRepairError, needs_repair, repair_bag
+
+    targets: list[Path] = []
+    for path in args.bags:
+        if path.is_dir() and not (path / "metadata.yaml").is_file() and not any(path.glob("*.mcap")):
+            targets += sorted(p for p in path.rglob("*") if p.is_dir() and needs_repair(p))  # a folder of bags
+        else:
+            targets.append(path)
+    if not targets:
+        print("no bag to repair under " + ", ".join(map(str, args.bags)))
+        return 0
+    failed = 0
+    for bag in targets:
+        try:
+            result = repair_bag(bag, out=args.out, keep_original=not args.delete_original, dry_run=args.dry_run,
+                                force=args.force)
+        except BagRepairError as error:
+            print(f"FAILED {error}", file=sys.stderr)
+            failed += 1
+            continue
+        print(result.format())
+    return 1 if failed else 0
+
+
 def subcommands() -> list[Subcommand]:
     """Every subcommand, in `--help` order. Add new ones here (e.g. from-metaworld)."""
     return [
@@ -219,6 +261,8 @@ def subcommands() -> list[Subcommand]:
                    _configure_from_hf, _run_from_hf),
         Subcommand("from-metaworld", "generate simulated Meta-World episodes (expert / suboptimal / failure)",
                    _configure_from_metaworld, _run_from_metaworld),
+        Subcommand("repair", "rebuild MCAP bags cut short (no metadata.yaml / summary) from their flushed data",
+                   _configure_repair, _run_repair),
         Subcommand("split", "tag episodes train / val (stable hashes; per task or whole tasks)", _configure_split,
                    _run_split),
         Subcommand("info", "print a dataset's counts (episodes, frames, sources, labels, tasks)", _configure_info,

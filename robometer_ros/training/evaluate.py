@@ -345,7 +345,7 @@ def preference_pairs(
     by_task = collection.indices_by_task_and_label()
     quality: list[tuple[str, int, int, str, str]] = []
     for task, by_label in by_task.items():
-        labels = sorted(by_label, key=rank.__getitem__)
+        labels = sorted((label for label in by_label if label in rank), key=rank.__getitem__)  # not unknown
         for i, worse_label in enumerate(labels):
             for better_label in labels[i + 1:]:
                 for better in by_label[better_label]:

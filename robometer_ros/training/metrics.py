@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from robometer_ros.trajectory import FAILURE, QUALITY_LABELS, SUCCESSFUL
+from robometer_ros.trajectory import FAILURE, QUALITY_LABELS, SUCCESSFUL, UNKNOWN
 
 GOLD_RANK = {label: rank for rank, label in enumerate(QUALITY_LABELS, start=1)}  # failure 1 .. successful 3
 OVERALL = "overall"
@@ -231,6 +231,9 @@ class PreferenceResult:
 def _episode_metrics(episodes: Sequence[EpisodeResult], failure_labels: Iterable[str]) -> dict[str, Any]:
     failure_labels = set(failure_labels)
     metrics: dict[str, Any] = {"episodes": len(episodes)}
+    # Episodes whose outcome is unknown have no gold label: counted, but left out of every label-based metric.
+    metrics["unknown_label_episodes"] = sum(e.quality_label == UNKNOWN for e in episodes)
+    episodes = [e for e in episodes if e.quality_label != UNKNOWN]
     metrics["voc"] = value_order_correlation(
         [e.predicted_progress for e in episodes],
         [e.target_progress for e in episodes],

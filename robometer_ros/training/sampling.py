@@ -38,7 +38,7 @@ from PIL import Image
 
 from robometer_ros.episode import subsample_indices
 from robometer_ros.training.data import EpisodeMeta, TrajectoryCollection
-from robometer_ros.trajectory import FAILURE, SUBOPTIMAL, SUCCESSFUL
+from robometer_ros.trajectory import FAILURE, SUBOPTIMAL, SUCCESSFUL, UNKNOWN
 
 
 class Strategy(str, enum.Enum):
@@ -305,8 +305,10 @@ class PairSampler:
         self.seed = int(seed)
         self._labels = _LabelMaker(collection, self.config)
         metas = collection.metas
-        usable = [m for m in metas if m.n_frames >= self.config.min_frames]
-        self.excluded_short = len(metas) - len(usable)
+        labelled = [m for m in metas if m.quality_label != UNKNOWN]  # no outcome: no target to learn
+        self.excluded_unknown = len(metas) - len(labelled)
+        usable = [m for m in labelled if m.n_frames >= self.config.min_frames]
+        self.excluded_short = len(labelled) - len(usable)
         self._usable_count = len(usable)
         self._metas = metas
 
@@ -364,7 +366,8 @@ class PairSampler:
         if weights.sum() <= 0:
             raise SamplingError(
                 f"no pair strategy can be sampled from {len(metas)} episodes "
-                f"({self.excluded_short} shorter than min_frames={self.config.min_frames}): "
+                f"({self.excluded_short} shorter than min_frames={self.config.min_frames}, "
+                f"{self.excluded_unknown} with an unknown outcome): "
                 f"available strategies {[s.value for s in Strategy if candidates[s]]}, "
                 f"ratios {self.config.strategy_ratios}. REWIND/REVERSE need a successful trajectory, "
                 "SUBOPTIMAL a task with successful and failure/suboptimal trajectories, "

@@ -38,7 +38,7 @@ from robometer_ros.monitor import EventKind
 from robometer_ros.session import NS_PER_S, ScoringSession, SessionConfig, replay
 from robometer_ros.training.evaluate import add_model_arguments, open_predictor
 from robometer_ros.training.verdicts import label_outcome
-from robometer_ros.trajectory import Trajectory
+from robometer_ros.trajectory import UNKNOWN, Trajectory
 
 EPISODE_COLUMNS = (
     "episode_id", "instruction", "data_source", "quality_label", "embodiment", "n_frames", "steps",
@@ -213,7 +213,7 @@ def _bag_trajectories(args: argparse.Namespace) -> Iterable[Trajectory]:
         image_topic=args.image_topic,
         instruction=args.instruction,
         instruction_topic=args.instruction_topic,
-        unknown_label="successful",  # MERGE-NOTE: "unknown" once trajectory.py has that label (h2)
+        unknown_label=UNKNOWN,
         min_frames=1,
         max_frames=args.max_frames,
         data_source=args.data_source,

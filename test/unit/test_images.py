@@ -1,21 +1,36 @@
-"""images.py: every supported encoding against a known image, and the errors for bad input."""
+"""images.py: every supported encoding against a known image, and the errors for bad and hostile input
+(size bombs refused before allocation, corrupt JPEG / PNG rejected, the whole fuzz corpus)."""
 
 from __future__ import annotations
 
 import array
 import io
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image as PILImage
 
 from robometer_ros.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_ERROR_REASONS,
     ImageConversionError,
     compressed_msg_to_rgb,
     compressed_to_rgb,
     image_msg_to_rgb,
     raw_to_rgb,
 )
+from support.fuzz_corpus import (
+    corpus,
+    entropy_start,
+    flip_bytes,
+    jpeg_with_declared_size,
+    png_bytes,
+    scene,
+)
+from support.fuzz_corpus import encode as encode_file
 
 H, W = 5, 7
 
@@ -125,7 +140,30 @@ def test_truncated_data_is_rejected() -> None:
 def test_step_smaller_than_a_row_is_rejected() -> None:
     with pytest.raises(ImageConversionError, match="step 20 is smaller than") as err:
         raw_to_rgb(H, W, "rgb8", 0, 20, bytes(H * W * 3))
-    assert err.value.reason == "bad_step"
+    assert err.value.reason == "bad_layout"
+
+
+def test_data_longer_than_declared_is_rejected() -> None:
+    # A wrong height (or width / step) would misread every row: refuse rather than score a scrambled frame.
+    with pytest.raises(ImageConversionError, match="height, width or step is wrong") as err:
+        raw_to_rgb(H - 1, W, "rgb8", 0, W * 3, known_rgb().tobytes())
+    assert err.value.reason == "bad_layout"
+
+
+def test_raw_size_limit_is_checked_before_the_data() -> None:
+    # 20000x20000 declared with 16 bytes of data: too_large (the header decides), not truncated
+    with pytest.raises(ImageConversionError, match="20000x20000 = 400000000 pixels, more than") as err:
+        raw_to_rgb(20000, 20000, "rgb8", 0, 60000, bytes(16))
+    assert err.value.reason == "too_large"
+    with pytest.raises(ImageConversionError) as err:
+        raw_to_rgb(2**32 - 1, 2**32 - 1, "rgb8", 0, 2**32 - 1, bytes(16))
+    assert err.value.reason == "too_large"
+    data = known_rgb().tobytes()
+    assert raw_to_rgb(H, W, "rgb8", 0, W * 3, data, max_pixels=H * W).shape == (H, W, 3)
+    with pytest.raises(ImageConversionError) as err:
+        raw_to_rgb(H, W, "rgb8", 0, W * 3, data, max_pixels=H * W - 1)
+    assert err.value.reason == "too_large"
+    assert DEFAULT_MAX_PIXELS == 4096 * 2160  # 4K (DCI and UHD) fits, as documented
 
 
 def test_empty_image_is_rejected() -> None:
@@ -167,6 +205,128 @@ def test_jpeg_is_close_to_the_original() -> None:
         data = array.array("B", encode(ramp, "JPEG"))
 
     np.testing.assert_array_equal(compressed_msg_to_rgb(FakeCompressed()), out)
+
+
+def test_png_and_jpeg_headers_declaring_huge_sizes_are_too_large() -> None:
+    bomb = png_bytes(20000, 20000, with_pixels=False)
+    assert len(bomb) < 100
+    with pytest.raises(ImageConversionError, match="PNG header declares 20000x20000") as err:
+        compressed_to_rgb("png", bomb)
+    assert err.value.reason == "too_large"
+    # with our limit lifted, PIL's own decompression-bomb error is still a too_large, not an escape
+    with pytest.raises(ImageConversionError) as err:
+        compressed_to_rgb("png", bomb, max_pixels=10**12)
+    assert err.value.reason == "too_large"
+    jpeg = jpeg_with_declared_size(encode_file(scene(), "jpeg"), 60000, 60000)
+    with pytest.raises(ImageConversionError, match="JPEG header declares 60000x60000") as err:
+        compressed_to_rgb("jpeg", jpeg)
+    assert err.value.reason == "too_large"
+    small = encode_file(scene(), "jpeg")
+    assert compressed_to_rgb("jpeg", small, max_pixels=120 * 160).shape == (120, 160, 3)
+    with pytest.raises(ImageConversionError):
+        compressed_to_rgb("jpeg", small, max_pixels=120 * 160 - 1)
+
+
+_RSS_PROBE = """
+import resource, sys
+from support.fuzz_corpus import png_bytes
+from robometer_ros.images import compressed_to_rgb, ImageConversionError
+png = png_bytes(8000, 8000, colour_type=0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    compressed_to_rgb("png", png, max_pixels=int(sys.argv[1]))
+    outcome = "decoded"
+except ImageConversionError as err:
+    outcome = err.reason
+print(len(png), outcome, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_an_8000x8000_zero_png_is_refused_before_allocating() -> None:
+    """The 62 KB PNG that took the node from 250 to 934 MiB: refused with no allocation to speak of. The
+    same probe with the limit lifted shows that the measurement does see the decode's memory."""
+
+    def peak_growth_mib(max_pixels: int) -> tuple[int, str, int]:
+        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(max_pixels)], capture_output=True, text=True,
+                             check=True, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+        size, outcome, growth = out.stdout.split()
+        return int(size), outcome, int(growth)
+
+    size, outcome, growth = peak_growth_mib(DEFAULT_MAX_PIXELS)
+    assert size < 100_000 and outcome == "too_large"
+    assert growth < 16, f"refusing the PNG grew peak RSS by {growth} MiB"
+    _, outcome, growth = peak_growth_mib(8000 * 8000)
+    assert outcome == "decoded" and growth > 150  # 8000x8000 L + RGB copies: the probe sees allocation
+
+
+def test_corrupt_png_is_rejected_by_its_chunk_crcs() -> None:
+    png = encode_file(scene(), "png")
+    rng = np.random.default_rng(0)
+    for _ in range(30):  # one flipped byte anywhere in the pixel data: PIL alone would decode most of these
+        with pytest.raises(ImageConversionError) as err:
+            compressed_to_rgb("png", flip_bytes(png, 1, rng, entropy_start(png)))
+        assert err.value.reason == "decode_failed"
+
+
+def test_corrupt_and_truncated_jpeg_are_rejected_by_the_strict_decoder() -> None:
+    """40 flipped bytes (the issue's case) and every truncation are errors, not garbage frames; PIL's
+    lenient decoder returns an image for most of the same files (which is why it is not used for JPEG).
+    A single flipped byte often decodes cleanly: JPEG has no checksum (benchmarks/corrupt_images.py
+    measures the rate)."""
+    jpeg = encode_file(scene(), "jpeg")
+    rng = np.random.default_rng(0)
+    lenient_decoded = 0
+    for _ in range(30):
+        damaged = flip_bytes(jpeg, 40, rng, entropy_start(jpeg))
+        with pytest.raises(ImageConversionError) as err:
+            compressed_to_rgb("jpeg", damaged)
+        assert err.value.reason == "decode_failed"
+        try:
+            with PILImage.open(io.BytesIO(damaged)) as image:
+                image.load()
+            lenient_decoded += 1
+        except OSError:
+            pass
+    assert lenient_decoded >= 10
+    for cut in rng.integers(1, len(jpeg) - 1, 30):
+        with pytest.raises(ImageConversionError) as err:
+            compressed_to_rgb("jpeg", jpeg[:cut])
+        assert err.value.reason == "decode_failed"
+
+
+def test_the_fuzz_corpus_raises_only_documented_reasons() -> None:
+    """Every image of the fuzz corpus converts or raises ImageConversionError with a reason from
+    IMAGE_ERROR_REASONS (nothing else escapes); each hostile case gets the reason meant for it."""
+    reasons: dict[str, str] = {}
+    for message in corpus(seed=0):
+        if message.kind == "string":
+            continue
+        fields = SimpleNamespace(**message.fields)
+        convert = image_msg_to_rgb if message.kind == "image" else compressed_msg_to_rgb
+        try:
+            rgb = convert(fields)
+            assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+            reasons[message.label] = "ok"
+        except ImageConversionError as err:
+            assert err.reason in IMAGE_ERROR_REASONS, (message.label, err.reason)
+            reasons[message.label] = err.reason
+    expected = {
+        "raw_declares_20000x20000": "too_large", "raw_declares_uint32_max": "too_large",
+        "raw_zero_size": "empty", "raw_empty_data": "truncated", "raw_truncated": "truncated",
+        "raw_data_longer_than_declared": "bad_layout", "raw_step_zero": "bad_layout",
+        "raw_step_huge": "truncated", "raw_yuv422_odd_width": "bad_layout", "raw_depth_16UC1": "depth",
+        "raw_encoding_bayer": "unsupported_encoding", "raw_encoding_upper_case": "unsupported_encoding",
+        "png_header_20000x20000": "too_large", "png_zeros_8000x8000": "too_large",
+        "png_header_uint31_max": "too_large", "jpeg_declares_60000x60000": "too_large",
+        "compressed_empty": "empty", "compressed_random_bytes": "decode_failed",
+        "jpeg_magic_then_garbage": "decode_failed", "png_magic_then_garbage": "decode_failed",
+        "jpeg_truncated_half": "decode_failed", "png_truncated_half": "decode_failed",
+        "jpeg_40_flipped_bytes": "decode_failed", "png_1_flipped_byte": "decode_failed",
+        "compressed_depth": "depth", "bmp": "unsupported_format", "format_field_lies": "ok",
+        "raw_stamp_negative": "ok", "jpeg_stamp_far_future": "ok",
+    }
+    assert {label: reasons[label] for label in expected} == expected
+    assert set(reasons.values()) - {"ok"} == set(IMAGE_ERROR_REASONS)  # the corpus exercises every reason
 
 
 def test_garbage_and_truncated_jpeg_are_decode_errors() -> None:

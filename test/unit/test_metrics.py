@@ -129,6 +129,15 @@ def test_evaluate_per_source_and_overall() -> None:
     assert results[OVERALL]["preference_accuracy"] == 0.5
     assert results[OVERALL]["preference_accuracy_rewind"] == 1.0
 
+    # An episode whose outcome is unknown (a bag without an end-of-episode label) is counted, and changes
+    # no label-based metric (ranking, final progress, failure detection).
+    with_unknown = evaluate([*episodes, episode("a", "t", "unknown", 0.5, True)], pairs)
+    assert with_unknown["a"]["unknown_label_episodes"] == 1 and with_unknown["a"]["episodes"] == 3
+    assert results["a"]["unknown_label_episodes"] == 0
+    for key, value in results[OVERALL].items():
+        if key not in ("episodes", "unknown_label_episodes"):
+            assert with_unknown[OVERALL][key] == pytest.approx(value, nan_ok=True), key
+
 
 def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="unknown quality labels"):

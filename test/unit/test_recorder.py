@@ -409,3 +409,165 @@ def test_custom_type_hashes_match_the_rosidl_build(tmp_path: Path) -> None:
         generated = json.loads((share / f"{name}.json").read_text())
         hashes = [h["hash_string"] for h in generated["type_hashes"] if h["type_name"] == f"robometer_ros/msg/{name}"]
         assert hashes == [TS.hash_rihs01(f"robometer_ros/msg/{name}")]
+
+
+def mcap_messages(bag: Path) -> dict[str, int]:
+    """topic -> message count, read with the mcap library (the summary when there is one, else a scan)."""
+    from mcap.reader import make_reader
+
+    counts: dict[str, int] = {}
+    (storage_file,) = bag.glob("*.mcap")
+    with storage_file.open("rb") as stream:
+        for _schema, channel, _message in make_reader(stream).iter_messages():
+            counts[channel.topic] = counts.get(channel.topic, 0) + 1
+    return counts
+
+
+def scanned_messages(bag: Path) -> dict[str, int]:
+    """topic -> count of the messages already on disk in a bag still being written (no summary yet)."""
+    from mcap.exceptions import McapError
+    from mcap.stream_reader import StreamReader
+
+    counts: dict[str, int] = {}
+    channels: dict[int, str] = {}
+    files = list(bag.glob("*.mcap"))
+    if not files:  # the writer thread has not opened the bag yet
+        return counts
+    with files[0].open("rb") as stream:
+        try:
+            for record in StreamReader(stream).records:
+                kind = type(record).__name__
+                if kind == "Channel":
+                    channels[record.id] = record.topic
+                elif kind == "Message":
+                    topic = channels[record.channel_id]
+                    counts[topic] = counts.get(topic, 0) + 1
+        except (McapError, EOFError, ValueError):
+            pass  # the end of what was written so far
+    return counts
+
+
+def test_closed_bags_read_the_same_with_the_mcap_library(tmp_path: Path) -> None:
+    with EpisodeRecorder(tmp_path, topics=TOPICS, flush_s=0.05) as rec:
+        rec.start_episode("ep", "x")
+        for i in range(40):  # several flushes: many small chunks in one bag
+            rec.record_image(image(T0 + i * STEP_NS, i))
+            if i % 10 == 0:
+                assert rec.flush(10.0)
+        rec.end_episode(outcome=1)
+    msgs, _ = read_bag(tmp_path / "ep")
+    assert {topic: len(v) for topic, v in msgs.items()} == mcap_messages(tmp_path / "ep")
+    assert mcap_messages(tmp_path / "ep")["/cam/image_raw"] == 40
+
+
+def test_an_open_episode_reaches_the_disk_within_flush_s_without_new_messages(tmp_path: Path) -> None:
+    """What a SIGKILL would leave: the frames recorded more than flush_s ago are in the file already
+    (rosbags alone holds up to 1 MiB of chunk in memory: these 4 tiny frames would all be lost)."""
+    from ros_harness import wait_until
+
+    rec = EpisodeRecorder(tmp_path, topics=TOPICS, flush_s=0.2)
+    rec.start_episode("ep", "x")
+    for i in range(4):
+        rec.record_image(image(T0 + i * STEP_NS, i))
+    wait_until(lambda: scanned_messages(tmp_path / "ep").get("/cam/image_raw", 0) == 4, 5.0,
+               "the open episode's frames on disk")
+    assert scanned_messages(tmp_path / "ep")["/task"] == 1
+    assert not (tmp_path / "ep" / "metadata.yaml").exists()  # still open: only the chunks are on disk
+    rec.record_image(image(T0 + 4 * STEP_NS, 4))
+    assert rec.flush(10.0)  # flush() puts everything on disk at once
+    assert scanned_messages(tmp_path / "ep")["/cam/image_raw"] == 5
+    rec.close()
+
+
+def test_too_little_free_space_refuses_the_episode_and_the_error_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    errors: list[str] = []
+    free = {"mb": 50.0}
+    monkeypatch.setattr(recorder_module, "_free_mb", lambda path: free["mb"])
+    rec = EpisodeRecorder(tmp_path, topics=TOPICS, min_free_mb=100, on_error=errors.append)
+    rec.start_episode("full", "x")
+    rec.record_image(image(T0, 0))
+    rec.end_episode()
+    assert rec.flush(10.0)
+    status = rec.status()
+    assert not status.ok and status.episodes_started == 0 and status.free_mb == 50.0
+    assert "disk nearly full: 50 MB free" in status.last_error and "min_free_mb 100" in status.last_error
+    assert not (tmp_path / "full").exists()
+    assert len(errors) == 1 and "disk nearly full" in errors[0]
+    rec.start_episode("still_full", "x")  # the next episode on a still-full disk: still an error, not OK
+    rec.record_image(image(T0, 0))
+    assert rec.flush(10.0)
+    assert not rec.status().ok and rec.status().errors == 2
+
+    free["mb"] = 500.0  # space is back: the next episode records and the error state ends
+    rec.start_episode("room", "x")
+    rec.record_image(image(T0, 0))
+    rec.end_episode(outcome=1)
+    status = rec.close()
+    assert status.ok and status.episodes_closed == 1 and status.errors == 2
+    assert read_episode_label(tmp_path / "room")[LABEL_OUTCOME] == "success"
+
+
+def test_a_disk_filling_up_mid_episode_closes_the_bag_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from robometer_ros.recorder import LABEL_STOPPED
+
+    errors: list[str] = []
+    free = {"mb": 1000.0}
+    monkeypatch.setattr(recorder_module, "_free_mb", lambda path: free["mb"])
+    rec = EpisodeRecorder(tmp_path, topics=TOPICS, min_free_mb=100, on_error=errors.append)
+    rec.start_episode("ep", "x")
+    for i in range(3):
+        rec.record_image(image(T0 + i * STEP_NS, i))
+    assert rec.flush(10.0) and rec.status().ok
+    free["mb"] = 20.0
+    rec.record_image(image(T0 + 3 * STEP_NS, 3))
+    assert rec.flush(10.0)  # the free-space check at the flush stops the episode
+    for i in range(4, 6):
+        rec.record_image(image(T0 + i * STEP_NS, i))
+    rec.end_episode(outcome=1)
+    status = rec.close()
+    assert not status.ok and status.errors == 1 and status.dropped_not_written == 2
+    assert "stopped recording episode ep: disk nearly full" in errors[0]
+    bag = tmp_path / "ep"
+    label = read_episode_label(bag)  # closed cleanly while there was room: metadata.yaml and summary
+    assert "disk nearly full" in label[LABEL_STOPPED] and label[LABEL_OUTCOME] == "unknown"
+    msgs, _ = read_bag(bag)
+    assert len(msgs["/cam/image_raw"]) == 4
+    assert mcap_messages(bag)["/cam/image_raw"] == 4
+
+
+def test_errors_go_to_on_error_not_the_logger(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    errors: list[str] = []
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with caplog.at_level("WARNING", logger="robometer_ros.recorder"):
+        rec = EpisodeRecorder(blocker / "bags", topics=TOPICS, on_error=errors.append)
+        rec.start_episode("ep", "x")
+        rec.close()
+    assert len(errors) == 1 and "cannot open bag" in errors[0]
+    assert not caplog.records
+
+
+def test_new_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="flush_s"):
+        EpisodeRecorder("/tmp/x", flush_s=0)
+    with pytest.raises(ValueError, match="min_free_mb"):
+        EpisodeRecorder("/tmp/x", min_free_mb=-1)
+
+
+def test_sqlite3_bags_are_committed_at_each_flush(tmp_path: Path) -> None:
+    """The sqlite3 storage writes one transaction: a flush commits it, so a crash keeps the rows
+    (`ros2 bag reindex` rebuilds metadata.yaml from them)."""
+    import sqlite3
+
+    rec = EpisodeRecorder(tmp_path, storage="sqlite3", topics=TOPICS, flush_s=30.0)
+    rec.start_episode("ep", "x")
+    for i in range(3):
+        rec.record_image(image(T0 + i * STEP_NS, i))
+    assert rec.flush(10.0) and rec.status().ok
+    (database,) = (tmp_path / "ep").glob("*.db3")
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as reader:  # another connection: committed rows only
+        assert reader.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 4
+    rec.close()
+    assert len(read_bag(tmp_path / "ep")[0]["/cam/image_raw"]) == 3

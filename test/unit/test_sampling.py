@@ -37,14 +37,18 @@ def _identity(frames: np.ndarray) -> tuple[int, list[int]]:
     return numbers.pop(), frames[:, 0, 0, 0].astype(int).tolist()
 
 
-def _collection() -> InMemoryDataset:
-    return InMemoryDataset([
+def _trajectories() -> list[Trajectory]:
+    return [
         _trajectory(0, "pick", n=20),
         _trajectory(1, "pick", "failure", n=15),
         _trajectory(2, "place", n=12),
         _trajectory(3, "place", "suboptimal", n=16),
         _trajectory(4, "push", n=30),
-    ])
+    ]
+
+
+def _collection() -> InMemoryDataset:
+    return InMemoryDataset(_trajectories())
 
 
 def _only(strategy: Strategy, **kwargs) -> SamplingConfig:
@@ -79,6 +83,16 @@ def test_same_seed_and_index_give_the_same_pair() -> None:
     assert any(
         one[i].metadata["chosen_frame_indices"] != other[i].metadata["chosen_frame_indices"] for i in range(10)
     )
+
+
+def test_episodes_with_an_unknown_outcome_are_never_sampled() -> None:
+    trajectories = [*_trajectories(), _trajectory(5, "pick", "unknown", n=25)]
+    sampler = PairSampler(InMemoryDataset(trajectories), seed=0)
+    assert sampler.excluded_unknown == 1
+    for index in range(200):
+        sample = sampler[index]
+        for frames in (sample.frames_a, sample.frames_b):
+            assert _identity(frames)[0] != 5
 
 
 def test_strategies_uniform_and_configurable() -> None:
