@@ -405,23 +405,28 @@ def test_reward_modes_and_live_parameter_validation(start_node, probe, tmp_path)
     node.wait_for_output("succeeded: success probability >= 0.30")
 
 
-def test_a_failed_frame_encoding_is_retried_and_the_model_error_clears(start_node, probe, tmp_path):
+def test_a_transient_encoding_failure_is_retried_and_a_model_failure_is_flagged(start_node, probe, tmp_path):
     node, rewards = start_scored_node(start_node, probe, tmp_path, camera_qos="reliable")
+    diagnostics = probe.subscribe("/diagnostics", DiagnosticArray, 50)
     publish_instruction(probe, TASK)
     flags = probe.subscribe(f"{NODE}/failure_flag", FailureFlag, LATCHED)
     camera = Camera(probe.publisher("/camera/image", Image, RELIABLE), rate_hz=15)
-    # The episode's first frame (scored at every step) fails to encode once.
+    # The episode's first frame (scored at every step) fails to encode once: the step encodes it again.
     first = camera.take_stamp()
     msgs = [(raw_image(colour_frame(0.1, blue=220), "rgb8", first), SentFrame(first, 0.1, 0.0, "rgb8"))]
     for _ in range(6):
         t = camera.take_stamp()
         msgs.append((raw_image(colour_frame(0.3), "rgb8", t), SentFrame(t, 0.3, 0.0, "rgb8")))
     camera.publish(msgs)
-    node.wait_for_output("scripted transient encoder failure")
     last = camera.sent[-1].t_ns
     (reward,) = rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) == last)
     assert stamp_ns(reward.frame_stamps[0]) == first  # the first frame was encoded after all
+    assert not any(f.failed for f in flags.messages)  # a transient failure costs no step and raises nothing
+    # A model that returns NaN for a frame: a MODEL_ERROR flag (ERROR) and an ERROR in diagnostics.
+    bad = camera.take_stamp()
+    camera.publish([(raw_image(colour_frame(0.3, blue=255), "rgb8", bad), None)])
     raised = flags.wait_for(1, predicate=lambda f: f.failed and f.reason == FailureFlag.REASON_MODEL_ERROR)[0]
-    assert "scripted transient encoder failure" in raised.detail
-    cleared = flags.wait_for(1, predicate=lambda f: not f.failed and f.episode_id == reward.episode_id)[0]
-    assert cleared.reason == FailureFlag.REASON_NONE and "MODEL_ERROR cleared" in cleared.detail
+    assert "scripted NaN output" in raised.detail and raised.severity == FailureFlag.SEVERITY_ERROR
+    assert stamp_ns(raised.header.stamp) == bad
+    error = diagnostics.wait_for(1, timeout=10, predicate=lambda a: a.status[0].level == DiagnosticStatus.ERROR)[-1]
+    assert "model error" in error.status[0].message and node.running()
