@@ -22,6 +22,7 @@ import math
 import resource
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -31,8 +32,16 @@ from robometer_ros.recorder import EpisodeRecorder, RecordTopics, make_typestore
 T0 = 1_700_000_000 * 10**9
 
 
+_SAY = threading.Lock()
+
+
 def say(*words: object) -> None:
-    print(*words, flush=True)
+    """One whole line at a time: on_error speaks from the recorder's writer thread, and print() of several
+    words from two threads can interleave them."""
+    line = " ".join(str(w) for w in words) + "\n"
+    with _SAY:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def status_json(recorder: EpisodeRecorder) -> str:
