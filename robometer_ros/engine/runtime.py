@@ -198,7 +198,15 @@ def _start(candidate: str, bundle: Bundle, device: str | None, options: dict[str
 
         _, _, provider = candidate.partition(":")
         if provider:
-            options = {**options, "providers": _ORT_CANDIDATE_PROVIDERS[provider], "require_provider": provider}
+            try:
+                import onnxruntime
+            except ImportError as exc:
+                raise LibraryMissingError("onnxruntime is not installed (pip install onnxruntime)") from exc
+            # the required provider first; of its fallbacks (for nodes it cannot run), those in this build
+            available = onnxruntime.get_available_providers()
+            first, *rest = _ORT_CANDIDATE_PROVIDERS[provider]
+            providers = [first] + [p for p in rest if p in available]
+            options = {**options, "providers": providers, "require_provider": provider}
         return OnnxRuntimeRuntime(bundle, **options)
     if candidate == "torch":
         if bundle.checkpoint_path is None:
