@@ -16,6 +16,7 @@ from robometer_ros.engine.bundle import PART_LANGUAGE, PART_VISION, Bundle, Engi
 from robometer_ros.engine.reward_engine import RewardEngine
 from robometer_ros.engine.runtime import (
     AUTO_CHAIN,
+    LibraryMissingError,
     ProviderUnavailableError,
     RuntimeUnavailableError,
     create_runtime,
@@ -87,7 +88,7 @@ def test_no_plan_is_a_reason_not_a_failure(bundle: Bundle, monkeypatch) -> None:
 def test_a_tensorrt_runtime_that_fails_to_start_falls_back(bundle: Bundle, monkeypatch, caplog) -> None:
     """Current plans for "this GPU" (identity faked), so TensorRTRuntime really starts: its first CUDA call
     goes to the real cuda-python, which answers cudaErrorInsufficientDriver on this machine."""
-    from robometer_ros.engine.cuda_rt import CudaApi, LibraryMissingError
+    from robometer_ros.engine.cuda_rt import CudaApi
 
     try:
         probe = CudaApi().probe()
@@ -145,3 +146,31 @@ def test_explicit_backend_records_a_single_attempt(bundle: Bundle) -> None:
     if CPU_ONLY_ORT:  # an explicit backend does not fall back: the missing provider is an error
         with pytest.raises(ProviderUnavailableError, match="no CUDAExecutionProvider in this build"):
             create_runtime(bundle, "onnxruntime", providers=["CUDAExecutionProvider"])
+
+
+def test_a_provider_that_did_not_load_is_caught_by_reading_the_session_back(bundle: Bundle) -> None:
+    """onnxruntime-gpu creates the session on another provider when the asked one cannot load; the runtime
+    reads session.get_providers() back and refuses (on the small vision part, before the language part)."""
+    from robometer_ros.engine.ort_runtime import OnnxRuntimeRuntime
+
+    with pytest.raises(ProviderUnavailableError, match="vision part: CUDAExecutionProvider did not load, "
+                                                       "the session runs on CPUExecutionProvider"):
+        OnnxRuntimeRuntime(bundle, providers=["CPUExecutionProvider"], require_provider="CUDAExecutionProvider")
+
+
+def test_missing_cuda_python_is_named_and_auto_falls_back(bundle: Bundle, monkeypatch) -> None:
+    trt = host_tensorrt(bundle.root, KEY.runtime_version)
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda prefer=None: (trt, "tensorrt"))
+    monkeypatch.setattr(trt_runtime, "gpu_identity", lambda index=0: GPU)
+    add_host_plans(bundle, [PART_VISION, PART_LANGUAGE], KEY)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    monkeypatch.setitem(sys.modules, "cuda.cudart", None)
+    import cuda  # the namespace package cuda-bindings' start-up hook imports
+
+    monkeypatch.delattr(cuda, "cudart", raising=False)
+    with pytest.raises(LibraryMissingError, match=r"needs NVIDIA's cuda-python .*pip install 'cuda-bindings"):
+        trt_runtime.TensorRTRuntime(bundle)
+    runtime = create_runtime(bundle, "auto", intra_op_threads=1)
+    assert (runtime.backend_attempts[0].candidate, runtime.backend_attempts[0].error) == \
+        ("tensorrt", "LibraryMissingError")
+    assert runtime.backend_name.startswith("onnxruntime:")
