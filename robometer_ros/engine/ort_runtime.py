@@ -23,8 +23,9 @@ from robometer_ros.engine.runtime import (
     FrameFeatures,
     HeadOutputs,
     LanguageInputs,
+    LibraryMissingError,
+    ProviderUnavailableError,
     Runtime,
-    RuntimeUnavailableError,
 )
 
 LOG = logging.getLogger(__name__)
@@ -79,12 +80,13 @@ class OnnxRuntimeRuntime(Runtime):
         intra_op_threads: int | None = None,
         trt_fp16: bool = True,
         allow_spinning: bool = False,
+        require_provider: str | None = None,
         **_: Any,
     ) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise RuntimeUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from exc
+            raise LibraryMissingError("onnxruntime is not installed (pip install onnxruntime)") from exc
         self._ort = ort
         self.bundle = bundle
         available = ort.get_available_providers()
@@ -93,10 +95,14 @@ class OnnxRuntimeRuntime(Runtime):
         else:
             missing = [p for p in providers if p not in available]
             if missing:
-                raise RuntimeUnavailableError(
-                    f"onnxruntime providers {missing} are not available here; available: {available}"
+                raise ProviderUnavailableError(
+                    f"onnxruntime {ort.__version__} has no {', '.join(missing)} in this build (available: "
+                    f"{', '.join(available)}; GPU providers need the onnxruntime-gpu package)"
                 )
         self.requested_providers = list(providers)
+        # With require_provider set, a session whose first provider is another one (onnxruntime-gpu lists
+        # providers it then cannot load, and falls back) raises instead of running there.
+        self._require_provider = require_provider
         self._provider_options: list[dict[str, Any]] = []
         for p in self.requested_providers:
             if p == "TensorrtExecutionProvider":
@@ -138,6 +144,11 @@ class OnnxRuntimeRuntime(Runtime):
         )
         actual = list(session.get_providers())
         self.providers_in_use[part] = actual
+        if self._require_provider and actual[0] != self._require_provider:
+            raise ProviderUnavailableError(
+                f"onnxruntime {part} part: {self._require_provider} did not load, the session runs on "
+                f"{', '.join(actual)} (onnxruntime's log above says why, e.g. a missing CUDA/cuDNN/TensorRT library)"
+            )
         if self.requested_providers and actual[0] != self.requested_providers[0]:
             LOG.warning(
                 "onnxruntime %s part: asked for %s but it runs on %s (the provider could not load)",

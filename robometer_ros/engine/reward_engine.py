@@ -26,6 +26,7 @@ import numpy as np
 
 from robometer_ros.engine.bundle import Bundle
 from robometer_ros.engine.runtime import (
+    BackendAttempt,
     FrameFeatures,
     HeadOutputs,
     LanguageInputs,
@@ -121,6 +122,11 @@ class RewardEngine:
     def backend_name(self) -> str:
         """Which backend really runs, e.g. "onnxruntime:CPUExecutionProvider", "tensorrt:fp16", "torch:cpu"."""
         return self.runtime.backend_name
+
+    @property
+    def backend_attempts(self) -> tuple[BackendAttempt, ...]:
+        """How the backend was chosen: each candidate tried and why it did not run (``backend="auto"``)."""
+        return tuple(getattr(self.runtime, "backend_attempts", ()))
 
     @property
     def model_id(self) -> str:

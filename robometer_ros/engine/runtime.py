@@ -6,8 +6,14 @@ exactly as described under "Model split" in docs/ARCHITECTURE.md. Host-side work
 tokenizing, the prompt layout, M-RoPE ids) is the RewardEngine's job, not the runtime's.
 
 Frame features stay in the runtime's native memory (numpy for onnxruntime, torch tensors on the
-runtime's device for torch and tensorrt), so a frame encoded on the GPU is never copied back to the
-host just to be concatenated and copied up again at the next step.
+runtime's device for torch, ``cuda_rt.DeviceArray`` device memory for tensorrt), so a frame encoded on
+the GPU is never copied back to the host just to be concatenated and copied up again at the next step.
+
+``backend="auto"`` tries, in order (``AUTO_CHAIN``): tensorrt (a current plan for this GPU), onnxruntime
+with the TensorRT execution provider, with the CUDA execution provider, onnxruntime on the CPU, and torch
+(bundles with a checkpoint/). Each step that cannot run, including one that fails while starting, is
+logged with its reason and recorded in ``Runtime.backend_attempts``; the runtime that starts reports
+what really runs in ``backend_name`` (for onnxruntime: ``session.get_providers()``, read back).
 
 This module imports neither torch nor onnxruntime nor tensorrt; each runtime imports its own
 library when it is created.
@@ -35,9 +41,29 @@ class RuntimeUnavailableError(RuntimeError):
     """The requested backend cannot run here (library missing, no GPU, no engine/checkpoint in the bundle)."""
 
 
+class LibraryMissingError(RuntimeUnavailableError):
+    """A Python package the backend needs is not importable (the message names what to install)."""
+
+
+class NoDeviceError(RuntimeUnavailableError):
+    """No usable GPU: no CUDA driver, a driver too old for the bindings, or no device."""
+
+
+class NoEngineError(RuntimeUnavailableError):
+    """The bundle has no current TensorRT plan for this GPU, TensorRT version and precision."""
+
+
+class ProviderUnavailableError(RuntimeUnavailableError):
+    """An onnxruntime execution provider is not in this build, or could not load (the session fell back)."""
+
+
+class RuntimeStartError(RuntimeUnavailableError):
+    """The backend is installed and has what it needs, but failed while starting (CUDA error, bad plan, ...)."""
+
+
 @dataclass
 class FrameFeatures:
-    """The vision part's output for one frame, in the runtime's native array type.
+    """The vision part's output for one frame, in the runtime's native array type (numpy, torch, DeviceArray).
 
     ``visual``: [tokens_per_frame, hidden]; ``deepstack``: [num_deepstack, tokens_per_frame, hidden].
     """
@@ -47,7 +73,7 @@ class FrameFeatures:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by this frame's features (numpy or torch)."""
+        """Memory held by this frame's features (numpy, torch or ``cuda_rt.DeviceArray``: host or device)."""
         return int(_nbytes(self.visual) + _nbytes(self.deepstack))
 
 
@@ -95,11 +121,31 @@ class HeadOutputs:
     preference_logit: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class BackendAttempt:
+    """One step of backend selection: the candidate and why it did not run ("" for the one that runs)."""
+
+    candidate: str  # e.g. "tensorrt", "onnxruntime:CUDAExecutionProvider"
+    reason: str = ""
+    error: str = ""  # the exception class, e.g. "NoEngineError"
+
+    @property
+    def chosen(self) -> bool:
+        """Whether this candidate is the runtime that started."""
+        return not self.error
+
+    def describe(self) -> str:
+        """``candidate: Error: reason`` (or ``candidate: chosen``)."""
+        return f"{self.candidate}: chosen" if self.chosen else f"{self.candidate}: {self.error}: {self.reason}"
+
+
 class Runtime(ABC):
     """Runs the bundle's vision and language parts on one backend."""
 
     #: e.g. "torch:cpu", "onnxruntime:CUDAExecutionProvider", "tensorrt:fp16"
     backend_name: str = ""
+    #: how this runtime was chosen: every candidate tried, in order, the last one chosen
+    backend_attempts: tuple[BackendAttempt, ...] = ()
 
     @abstractmethod
     def encode_frame(self, pixel_values: np.ndarray) -> FrameFeatures:
@@ -124,53 +170,106 @@ def module_available(name: str) -> bool:
         return False
 
 
+#: the order ``backend="auto"`` tries (onnxruntime candidates name the execution provider they require)
+AUTO_CHAIN = (
+    "tensorrt",
+    "onnxruntime:TensorrtExecutionProvider",
+    "onnxruntime:CUDAExecutionProvider",
+    "onnxruntime:CPUExecutionProvider",
+    "torch",
+)
+
+#: onnxruntime providers requested for each auto candidate (the first one must really run)
+_ORT_CANDIDATE_PROVIDERS = {
+    "TensorrtExecutionProvider": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "CUDAExecutionProvider": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "CPUExecutionProvider": ["CPUExecutionProvider"],
+}
+
+
+def _start(candidate: str, bundle: Bundle, device: str | None, options: dict[str, Any]) -> Runtime:
+    """Start one backend candidate (an ``AUTO_CHAIN`` entry or a plain backend name)."""
+    if candidate == "tensorrt":
+        from robometer_ros.engine.trt_runtime import TensorRTRuntime
+
+        return TensorRTRuntime(bundle, **options)
+    if candidate.startswith("onnxruntime"):
+        from robometer_ros.engine.ort_runtime import OnnxRuntimeRuntime
+
+        _, _, provider = candidate.partition(":")
+        if provider:
+            try:
+                import onnxruntime
+            except ImportError as exc:
+                raise LibraryMissingError("onnxruntime is not installed (pip install onnxruntime)") from exc
+            # the required provider first; of its fallbacks (for nodes it cannot run), those in this build
+            available = onnxruntime.get_available_providers()
+            first, *rest = _ORT_CANDIDATE_PROVIDERS[provider]
+            providers = [first] + [p for p in rest if p in available]
+            options = {**options, "providers": providers, "require_provider": provider}
+        return OnnxRuntimeRuntime(bundle, **options)
+    if candidate == "torch":
+        if bundle.checkpoint_path is None:
+            raise BundleError(
+                f"{bundle.root}: the torch backend needs a checkpoint/ in the bundle "
+                "(export with robometer-export --include-checkpoint)"
+            )
+        if not module_available("torch"):
+            raise LibraryMissingError("torch is not installed")
+        from robometer_ros.engine.torch_runtime import TorchRuntime
+
+        return TorchRuntime.from_bundle(bundle, device=device or "cpu", **options)
+    raise ValueError(f"unknown backend candidate {candidate!r}")
+
+
+def _expected_absence(exc: BaseException) -> bool:
+    """A missing library, GPU, plan or provider is normal on many machines; anything else is worth a warning."""
+    return isinstance(exc, (LibraryMissingError, NoDeviceError, NoEngineError, ProviderUnavailableError))
+
+
+def create_runtime_auto(
+    bundle: Bundle, device: str | None = None, chain: Sequence[str] = AUTO_CHAIN, **options: Any
+) -> Runtime:
+    """The first candidate of ``chain`` that starts; every failure is logged with its reason.
+
+    A candidate fails when its library, GPU, plan or provider is missing (logged at INFO) or when it
+    raises anything while starting (logged at WARNING: e.g. a TensorRT plan that does not deserialize,
+    a CUDA error, an onnxruntime provider that is listed but cannot load). The returned runtime's
+    ``backend_attempts`` holds every step. Raises ``RuntimeUnavailableError`` listing all reasons when
+    none starts. A ``providers`` option is ignored here (each onnxruntime candidate sets its own).
+    """
+    options = {k: v for k, v in options.items() if k not in ("providers", "require_provider")}
+    attempts: list[BackendAttempt] = []
+    for candidate in chain:
+        try:
+            runtime = _start(candidate, bundle, device, options)
+        except Exception as exc:  # any start failure falls through to the next candidate
+            attempt = BackendAttempt(candidate, str(exc), type(exc).__name__)
+            attempts.append(attempt)
+            LOG.log(logging.INFO if _expected_absence(exc) else logging.WARNING,
+                    "backend auto: %s cannot run: %s: %s", candidate, attempt.error, attempt.reason)
+            continue
+        attempts.append(BackendAttempt(candidate))
+        runtime.backend_attempts = tuple(attempts)
+        LOG.info("backend auto -> %s (%s)", runtime.backend_name, "; ".join(a.describe() for a in attempts))
+        return runtime
+    raise RuntimeUnavailableError("no backend can run this bundle: " + "; ".join(a.describe() for a in attempts))
+
+
 def create_runtime(bundle: Bundle, backend: str = "auto", device: str | None = None, **options: Any) -> Runtime:
     """Create the runtime for ``backend`` ("auto", "tensorrt", "onnxruntime", "torch").
 
-    ``auto`` picks tensorrt when a current plan for this GPU, TensorRT version and precision is in the
-    bundle; else onnxruntime when it is installed; else torch when the bundle has a checkpoint.
-    ``device`` is for the torch backend ("cpu", "cuda", "cuda:1"); ``options`` go to the runtime.
+    ``auto``: see ``create_runtime_auto`` (tensorrt, onnxruntime TensorRT EP, CUDA EP, CPU, torch).
+    ``device`` is for the torch backend ("cpu", "cuda", "cuda:1"); ``options`` go to the runtime
+    (e.g. ``intra_op_threads``, ``providers``, ``precision``; each runtime ignores the others').
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        reasons = []
-        try:
-            from robometer_ros.engine.trt_runtime import find_usable_engines
-
-            if find_usable_engines(bundle, options.get("precision")) is not None:
-                backend = "tensorrt"
-            else:
-                reasons.append("tensorrt: no current plan for this GPU in the bundle")
-        except RuntimeUnavailableError as exc:
-            reasons.append(f"tensorrt: {exc}")
-        if backend == "auto":
-            if module_available("onnxruntime"):
-                backend = "onnxruntime"
-            elif bundle.checkpoint_path is not None and module_available("torch"):
-                backend = "torch"
-            else:
-                raise RuntimeUnavailableError(
-                    "no backend can run this bundle: " + "; ".join(reasons)
-                    + "; onnxruntime is not installed; torch needs torch and a checkpoint/ in the bundle"
-                )
-        LOG.info("backend auto -> %s (%s)", backend, "; ".join(reasons) or "engine found")
-    if backend == "tensorrt":
-        from robometer_ros.engine.trt_runtime import TensorRTRuntime
-
-        return TensorRTRuntime(bundle, **options)
-    if backend == "onnxruntime":
-        from robometer_ros.engine.ort_runtime import OnnxRuntimeRuntime
-
-        return OnnxRuntimeRuntime(bundle, **options)
-    from robometer_ros.engine.torch_runtime import TorchRuntime
-
-    if bundle.checkpoint_path is None:
-        raise BundleError(
-            f"{bundle.root}: the torch backend needs a checkpoint/ in the bundle "
-            "(export with robometer-export --include-checkpoint)"
-        )
-    return TorchRuntime.from_bundle(bundle, device=device or "cpu", **options)
+        return create_runtime_auto(bundle, device, **options)
+    runtime = _start(backend, bundle, device, options)
+    runtime.backend_attempts = (BackendAttempt(backend),)
+    return runtime
 
 
 def check_finite(outputs: HeadOutputs) -> list[str]:

@@ -46,7 +46,7 @@ from robometer_ros.engine.bundle import (
     sha256_file,
     utc_now,
 )
-from robometer_ros.engine.runtime import RuntimeUnavailableError
+from robometer_ros.engine.runtime import NoDeviceError, RuntimeUnavailableError
 from robometer_ros.engine.trt_common import GpuIdentity, engine_key, gpu_identity, import_tensorrt, slug
 
 LOG = logging.getLogger("robometer_ros.build_engines")
@@ -250,7 +250,7 @@ def build_engines(
     trt, flavor = import_tensorrt(flavor)
     gpu = gpu_identity(device_index)
     if gpu is None and flavor == "tensorrt":
-        raise RuntimeUnavailableError("TensorRT needs the target GPU to build plans and none is visible "
+        raise NoDeviceError("TensorRT needs the target GPU to build plans and none is visible "
                                       "(TensorRT-RTX can build ahead of time without one)")
     resolved = resolve_precision(precision, trt, flavor, bundle, gpu)
     key = engine_key(flavor, trt.__version__, gpu, resolved)

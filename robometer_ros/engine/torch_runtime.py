@@ -27,8 +27,12 @@ class TorchRuntime(Runtime):
         self.backend_name = f"torch:{self.device.type}"
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, device: str = "cpu", **_: Any) -> TorchRuntime:
-        """Load the bundle's checkpoint/ onto ``device``."""
+    def from_bundle(
+        cls, bundle: Bundle, device: str = "cpu", intra_op_threads: int | None = None, **_: Any
+    ) -> TorchRuntime:
+        """Load the bundle's checkpoint/ onto ``device``; ``intra_op_threads`` > 0 calls torch.set_num_threads."""
+        if intra_op_threads:  # process-wide in torch; threads.ThreadLimits.runtime_options() passes it
+            torch.set_num_threads(int(intra_op_threads))
         path = bundle.checkpoint_path
         if path is None:
             raise BundleError(f"{bundle.root}: no checkpoint/ in the bundle for the torch backend")

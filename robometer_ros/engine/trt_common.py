@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from robometer_ros.engine.bundle import EngineKey
-from robometer_ros.engine.runtime import RuntimeUnavailableError
+from robometer_ros.engine.runtime import LibraryMissingError
 
 #: gpu_name recorded for TensorRT-RTX plans built ahead of time without a GPU
 CPU_AOT_GPU = "cpu-aot"
@@ -26,7 +26,8 @@ CPU_AOT_GPU = "cpu-aot"
 def import_tensorrt(prefer: str | None = None) -> tuple[ModuleType, str]:
     """Import TensorRT (``tensorrt``) or else TensorRT-RTX (``tensorrt_rtx``); return (module, flavor).
 
-    ``prefer`` ("tensorrt" / "tensorrt_rtx") forces one of them.
+    ``prefer`` ("tensorrt" / "tensorrt_rtx") forces one of them. Raises ``LibraryMissingError`` (a
+    ``RuntimeUnavailableError``) naming each import error.
     """
     order = [prefer] if prefer else ["tensorrt", "tensorrt_rtx"]
     errors = []
@@ -40,7 +41,7 @@ def import_tensorrt(prefer: str | None = None) -> tuple[ModuleType, str]:
             errors.append(f"{name}: incomplete install (no Builder/Runtime)")
             continue
         return module, name
-    raise RuntimeUnavailableError("TensorRT is not importable here (" + "; ".join(errors) + ")")
+    raise LibraryMissingError("TensorRT is not importable here (" + "; ".join(errors) + ")")
 
 
 @dataclass(frozen=True)

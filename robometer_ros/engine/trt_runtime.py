@@ -1,20 +1,48 @@
-"""TensorRT backend: the bundle's cached plans, one CUDA stream, pinned host staging, dynamic shapes.
+"""TensorRT backend without torch: the bundle's cached plans on cuda-python memory, streams and copies.
 
-Device memory is held in torch CUDA tensors (torch is imported when the runtime is created, never at
-module import), so frame features stay on the GPU between steps and the language part's inputs are
-concatenated there. Host -> device copies go through reusable pinned buffers; outputs come back
-through pinned buffers on the same stream, then one synchronize per call.
+A robot needs TensorRT (``tensorrt``, or ``tensorrt_rtx``), NVIDIA's ``cuda-python`` (``cuda-bindings``),
+numpy, tokenizers and onnx (bundle validation); torch is never imported here. Device memory, pinned host
+buffers, streams and copies go through ``engine/cuda_rt.py``.
+
+How a part runs (``TensorRTRuntime.run_part``, generic over the plan's named tensors, so any part the
+bundle's engine index holds can run, e.g. new prefix/suffix language parts):
+
+* inputs are bound by name: a host numpy array is cast to the plan's dtype (int64 stays int64: TensorRT
+  keeps ONNX INT64 bindings), staged in a reusable pinned buffer and copied to a reusable device buffer
+  on the part's stream; a ``DeviceArray`` is bound in place; a ``DeviceConcat`` (e.g. the cached features
+  of the prompt's frames) is concatenated on the device by one copy per source (``cuda_rt.concat_plan``);
+* ``set_input_shape`` for every input (inside the plan's optimization profile), ``infer_shapes``, then
+  output shapes from the context (a data-dependent output is refused: the export has none);
+* outputs named in ``keep_on_device`` go to one fresh 256-byte-aligned block and come back as
+  ``DeviceArray`` (frame features stay on the GPU and are cached by the RewardEngine, which adds up
+  their ``nbytes``); the others are copied to pinned buffers and returned as numpy;
+* ``execute_async_v3`` on the part's non-blocking stream, then one stream synchronize per call.
+
+Threads: the vision part and the language parts have one stream, one lock and their own staging buffers
+each, so the producer thread (``encode_frame``) and the scorer thread (``run_language``) overlap; an
+execution context is only ever used by its part's group. ``cudaSetDevice`` is called in every call's
+thread.
+
+TensorRT Python API used (TensorRT 10.x and 11.x, and TensorRT-RTX 1.x, which has the same runtime
+surface; ``TRT_CALLS`` lists them and a test checks them against the installed TensorRT-RTX):
+``Logger``, ``Runtime``, ``Runtime.deserialize_cuda_engine`` (returns None on failure),
+``ICudaEngine.num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode`` (``TensorIOMode.INPUT``) /
+``get_tensor_dtype`` (``DataType``) / ``get_tensor_location`` (``TensorLocation.DEVICE``) /
+``create_execution_context``, ``IExecutionContext.set_input_shape`` (bool) / ``infer_shapes`` (names of
+unspecified inputs) / ``get_tensor_shape`` / ``set_tensor_address`` (bool; 256-byte aligned) /
+``execute_async_v3(stream_handle)`` (bool). None of them changed between 10.x and 11.x (the 11.0
+removals are build-side and the v1 device-memory queries, which are not used).
 
 Plans come from ``robometer-build-engines`` (engine/tensorrt_build.py), keyed by TensorRT flavor and
 version, GPU name, compute capability and precision; a plan whose ONNX changed since it was built is
-not used.
+not used (``find_usable_engines``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,14 +52,29 @@ from robometer_ros.engine.bundle import (
     PART_LANGUAGE_PREFERENCE,
     PART_VISION,
     Bundle,
+    BundleError,
     EngineRecord,
+)
+from robometer_ros.engine.cuda_rt import (
+    ITEMSIZE,
+    CudaApi,
+    DeviceAllocator,
+    DeviceArray,
+    DeviceConcat,
+    PinnedBuffer,
+    align_up,
+    bfloat16_bits_to_float32,
+    concat_plan,
+    float32_to_bfloat16_bits,
 )
 from robometer_ros.engine.runtime import (
     FrameFeatures,
     HeadOutputs,
     LanguageInputs,
+    NoDeviceError,
+    NoEngineError,
     Runtime,
-    RuntimeUnavailableError,
+    RuntimeStartError,
 )
 from robometer_ros.engine.trt_common import CPU_AOT_GPU, gpu_identity, import_tensorrt
 
@@ -40,14 +83,30 @@ LOG = logging.getLogger(__name__)
 #: precision preference when the caller does not ask for one
 PRECISION_ORDER = ("fp8", "int8", "fp16", "bf16", "fp32")
 
+#: the TensorRT runtime API this module calls, by class (tested against the installed TensorRT-RTX)
+TRT_CALLS = {
+    "Runtime": ("deserialize_cuda_engine",),
+    "ICudaEngine": ("num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype",
+                    "get_tensor_location", "create_execution_context"),
+    "IExecutionContext": ("set_input_shape", "infer_shapes", "get_tensor_shape", "set_tensor_address",
+                          "execute_async_v3"),
+}
+
+#: numpy dtypes of the manifest dtype names (bfloat16 is carried as uint16 bit patterns on the host)
+_NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+          "int8": np.int8, "uint8": np.uint8, "bool": np.bool_, "bfloat16": np.uint16}
+
+_VISION_GROUP, _LANGUAGE_GROUP = "vision", "language"
+
 
 def find_usable_engines(
     bundle: Bundle, precision: str | None = None, device_index: int = 0
 ) -> dict[str, EngineRecord] | None:
     """Current plans for the vision and language parts on this GPU and TensorRT, or None.
 
-    Raises ``RuntimeUnavailableError`` when TensorRT or a GPU is missing. With ``precision`` None the
-    fastest precision that has plans for both parts wins (fp8 > int8 > fp16 > bf16 > fp32).
+    Raises ``LibraryMissingError`` when TensorRT is not importable and ``NoDeviceError`` when no GPU
+    is visible. With ``precision`` None the fastest precision that has plans for both parts wins
+    (fp8 > int8 > fp16 > bf16 > fp32).
     """
     trt, flavor = import_tensorrt()
     version = trt.__version__
@@ -55,7 +114,7 @@ def find_usable_engines(
         return None  # nothing to match: no need to query the GPU
     gpu = gpu_identity(device_index)
     if gpu is None:
-        raise RuntimeUnavailableError("no CUDA GPU visible (the CUDA driver and nvidia-smi found none)")
+        raise NoDeviceError("no CUDA GPU visible (the CUDA driver and nvidia-smi found none)")
     candidates: dict[str, dict[str, EngineRecord]] = {}
     for record in bundle.engines():
         key = record.key
@@ -71,7 +130,7 @@ def find_usable_engines(
             continue
         if precision is not None and key.precision != precision:
             continue
-        ok, why = bundle.engine_is_current(record)
+        ok, why = _is_current(bundle, record)
         if not ok:
             LOG.warning("ignoring stale TensorRT plan %s: %s", record.file, why)
             continue
@@ -83,193 +142,320 @@ def find_usable_engines(
     return None
 
 
-def _torch_dtype(trt: Any, torch: Any, dtype: Any) -> Any:
-    table = {
-        trt.DataType.FLOAT: torch.float32,
-        trt.DataType.HALF: torch.float16,
-        trt.DataType.BF16: torch.bfloat16,
-        trt.DataType.INT64: torch.int64,
-        trt.DataType.INT32: torch.int32,
-        trt.DataType.BOOL: torch.bool,
-        trt.DataType.UINT8: torch.uint8,
-    }
-    if dtype not in table:
-        raise RuntimeUnavailableError(f"TensorRT I/O dtype {dtype} is not supported by this runtime")
-    return table[dtype]
+def _is_current(bundle: Bundle, record: EngineRecord) -> tuple[bool, str]:
+    try:
+        return bundle.engine_is_current(record)
+    except BundleError as exc:  # a plan of a part this manifest does not describe
+        return False, str(exc)
 
 
-class _PinnedStaging:
-    """Reusable page-locked host buffers, one per tensor name, grown on demand."""
-
-    def __init__(self, torch: Any) -> None:
-        self._torch = torch
-        self._buffers: dict[str, Any] = {}
-
-    def get(self, name: str, numel: int, dtype: Any) -> Any:
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self._torch.empty(max(numel, 1), dtype=dtype, pin_memory=True)
-            self._buffers[name] = buf
-        return buf[:numel]
+def _dtype_names(trt: Any) -> dict[Any, str]:
+    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
+             "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+    return {getattr(trt.DataType, k): v for k, v in names.items() if hasattr(trt.DataType, k)}
 
 
-class _EnginePart:
-    """One deserialized plan with its execution context."""
+def host_to_plan_dtype(array: np.ndarray, dtype: str, what: str) -> np.ndarray:
+    """``array`` as the C-contiguous host representation of plan dtype ``dtype`` (bfloat16: uint16 bits)."""
+    if dtype == "bfloat16":
+        return float32_to_bfloat16_bits(np.asarray(array, dtype=np.float32))
+    target = np.dtype(_NUMPY[dtype])
+    if array.dtype.kind in "iu" and target.kind in "iu" and array.size and target.itemsize < array.dtype.itemsize:
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise ValueError(f"{what}: values out of range for the plan's {dtype} binding")
+    return np.ascontiguousarray(array, dtype=target)
 
-    def __init__(self, trt: Any, torch: Any, runtime: Any, plan: bytes, name: str, device: Any) -> None:
+
+def host_from_plan_dtype(raw: np.ndarray, dtype: str, shape: Sequence[int]) -> np.ndarray:
+    """An owned numpy array from a plan output's raw bytes (bfloat16 becomes float32)."""
+    if dtype == "bfloat16":
+        return bfloat16_bits_to_float32(raw.view(np.uint16)).reshape(shape).copy()
+    return raw.view(_NUMPY[dtype]).reshape(shape).copy()
+
+
+class _Group:
+    """One stream, one lock and reusable staging buffers for the parts that share them."""
+
+    def __init__(self, cuda: CudaApi, allocator: DeviceAllocator) -> None:
+        self.cuda, self.allocator = cuda, allocator
+        self.lock = threading.Lock()
+        self.stream = cuda.stream_create()
+        self._pinned: dict[str, PinnedBuffer] = {}
+        self._device: dict[str, Any] = {}  # name -> DeviceBlock
+
+    def pinned(self, name: str, nbytes: int) -> np.ndarray:
+        buf = self._pinned.get(name)
+        if buf is None:
+            buf = self._pinned[name] = PinnedBuffer(self.cuda)
+        return buf.view(nbytes)
+
+    def device(self, name: str, shape: Sequence[int], dtype: str) -> DeviceArray:
+        """A reusable device tensor for ``name`` (grown on demand; valid until the group's next call)."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
+        block = self._device.get(name)
+        if block is None or block.nbytes < nbytes:
+            block = self._device[name] = self.allocator.alloc(nbytes)
+        return DeviceArray(block, 0, shape, dtype)
+
+    def close(self) -> None:
+        try:
+            self.cuda.stream_sync(self.stream)
+        finally:
+            for buf in self._pinned.values():
+                buf.free()
+            self._pinned.clear()
+            self._device.clear()
+            self.cuda.stream_destroy(self.stream)
+
+
+class _Part:
+    """One deserialized plan: its execution context and its named I/O tensors."""
+
+    def __init__(self, trt: Any, trt_runtime: Any, plan: bytes, name: str, file: str) -> None:
         self.name = name
-        self._trt, self._torch, self._device = trt, torch, device
-        self.engine = runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise RuntimeUnavailableError(f"TensorRT could not deserialize the {name} plan (built for another GPU?)")
-        self.context = self.engine.create_execution_context()
+        engine = trt_runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise RuntimeStartError(
+                f"TensorRT could not deserialize the {name} plan {file} (built by another TensorRT version or "
+                "for another GPU, or no usable CUDA device; the TensorRT log above says why)"
+            )
+        context = engine.create_execution_context()
+        if context is None:
+            raise RuntimeStartError(f"TensorRT could not create an execution context for the {name} plan "
+                                    "(out of GPU memory?)")
+        self.engine, self.context = engine, context
+        dtypes = _dtype_names(trt)
         self.inputs: list[str] = []
         self.outputs: list[str] = []
-        self.dtypes: dict[str, Any] = {}
-        for i in range(self.engine.num_io_tensors):
-            tensor = self.engine.get_tensor_name(i)
-            self.dtypes[tensor] = _torch_dtype(trt, torch, self.engine.get_tensor_dtype(tensor))
-            if self.engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT:
-                self.inputs.append(tensor)
-            else:
-                self.outputs.append(tensor)
+        self.dtypes: dict[str, str] = {}
+        for i in range(engine.num_io_tensors):
+            tensor = engine.get_tensor_name(i)
+            dtype = engine.get_tensor_dtype(tensor)
+            if dtype not in dtypes:
+                raise RuntimeStartError(f"{name} plan: I/O tensor {tensor} has dtype {dtype}, which this runtime "
+                                        f"does not bind ({', '.join(sorted(set(dtypes.values())))})")
+            if engine.get_tensor_location(tensor) != trt.TensorLocation.DEVICE:
+                raise RuntimeStartError(f"{name} plan: {tensor} is a host (shape) tensor; the export has none")
+            self.dtypes[tensor] = dtypes[dtype]
+            (self.inputs if engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT else self.outputs).append(tensor)
 
-    def run(self, feed: dict[str, Any], stream: Any) -> dict[str, Any]:
-        """Run on device tensors (``feed``: name -> CUDA tensor); returns name -> CUDA tensor."""
-        torch = self._torch
-        keep = []
-        for name in self.inputs:
-            tensor = feed[name]
-            if tensor.dtype != self.dtypes[name]:
-                tensor = tensor.to(self.dtypes[name])
-            tensor = tensor.contiguous()
-            keep.append(tensor)
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise ValueError(
-                    f"TensorRT {self.name} plan rejects input {name} of shape {tuple(tensor.shape)} "
-                    "(outside the optimization profile built into the plan)"
-                )
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=self.dtypes[name], device=self._device)
-            outputs[name] = out
-            self.context.set_tensor_address(name, out.data_ptr())
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT {self.name} plan failed to enqueue")
-        return outputs
+    def close(self) -> None:
+        self.context = None  # the context goes before its engine
+        self.engine = None
 
 
 class TensorRTRuntime(Runtime):
-    """Runs the bundle's TensorRT plans on one GPU."""
+    """Runs the bundle's TensorRT plans on one GPU (see the module docstring).
 
-    def __init__(self, bundle: Bundle, precision: str | None = None, device_index: int = 0, **_: Any) -> None:
+    Args:
+        bundle: the opened bundle (its ``engines/index.json`` must hold current plans for this GPU).
+        precision: a plan precision to insist on ("fp16", "fp32", ...); None = the fastest available.
+        device_index: the CUDA device.
+        cuda: a ``CudaApi`` (tests inject one around a fake cuda-python module); default: the real one.
+    """
+
+    def __init__(self, bundle: Bundle, precision: str | None = None, device_index: int = 0,
+                 cuda: CudaApi | None = None, **_: Any) -> None:
         plans = find_usable_engines(bundle, precision, device_index)
         if plans is None:
-            raise RuntimeUnavailableError(
+            raise NoEngineError(
                 f"{bundle.root}: no current TensorRT plan for this GPU/TensorRT"
                 + (f" at precision {precision}" if precision else "")
                 + "; run robometer-build-engines on this machine"
             )
-        try:
-            import torch
-        except ImportError as exc:
-            raise RuntimeUnavailableError("the tensorrt backend needs torch (with CUDA) for device memory") from exc
-        if not torch.cuda.is_available():
-            raise RuntimeUnavailableError("the tensorrt backend needs a CUDA build of torch and a GPU")
-        trt, flavor = import_tensorrt()
-        self._torch, self._trt = torch, trt
         self.bundle = bundle
-        self.device = torch.device("cuda", device_index)
+        self.cuda = cuda if cuda is not None else CudaApi()
+        self.device = self.cuda.require_device(device_index)  # NoDeviceError / CudaError before any allocation
+        trt, flavor = import_tensorrt()
+        self._trt = trt
         self.precision = plans[PART_VISION].key.precision
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._plans = dict(plans)
-        # Preference plans are optional and deserialized on first use (they duplicate the LM weights).
+        # Other parts with the same key (preference, and any further language part) load on first use.
         for record in bundle.engines():
-            if (
-                record.part == PART_LANGUAGE_PREFERENCE
-                and record.key == plans[PART_LANGUAGE].key
-                and bundle.engine_is_current(record)[0]
-            ):
-                self._plans[PART_LANGUAGE_PREFERENCE] = record
-        self._parts: dict[str, _EnginePart] = {}
-        # One stream and one staging pool per part: the producer (vision) and the scorer (language)
-        # threads run concurrently without sharing buffers.
-        self._streams = {p: torch.cuda.Stream(device=self.device) for p in (PART_VISION, "language")}
-        self._staging = {p: _PinnedStaging(torch) for p in (PART_VISION, "language")}
-        self._locks = {p: threading.Lock() for p in (PART_VISION, "language")}
-        with torch.cuda.device(self.device):
-            self._part(PART_VISION)
-            self._part(PART_LANGUAGE)
+            if record.part not in self._plans and record.key == plans[PART_LANGUAGE].key \
+                    and _is_current(bundle, record)[0]:
+                self._plans[record.part] = record
+        self._parts: dict[str, _Part] = {}
+        self._allocator = DeviceAllocator(self.cuda, device_index)
+        self._groups: dict[str, _Group] = {}
+        try:
+            self._groups = {g: _Group(self.cuda, self._allocator) for g in (_VISION_GROUP, _LANGUAGE_GROUP)}
+            vision, language = self._part(PART_VISION), self._part(PART_LANGUAGE)
+            self._check_feature_dtypes(vision, language)
+        except BaseException:
+            self.close()
+            raise
         self.backend_name = f"{flavor}:{self.precision}"
-        LOG.info("TensorRT (%s %s) plans %s on %s", flavor, trt.__version__,
-                 {p: r.file for p, r in self._plans.items()}, torch.cuda.get_device_name(self.device))
+        LOG.info("TensorRT (%s %s) plans %s on %s (compute capability %s)", flavor, trt.__version__,
+                 {p: r.file for p, r in self._plans.items()}, self.device.name, self.device.compute_capability)
 
-    def _part(self, part: str) -> _EnginePart:
+    @staticmethod
+    def _check_feature_dtypes(vision: _Part, language: _Part) -> None:
+        for name in ("visual_embeds", "deepstack_embeds"):
+            if name in vision.dtypes and name in language.dtypes and vision.dtypes[name] != language.dtypes[name]:
+                raise RuntimeStartError(
+                    f"the vision plan outputs {name} as {vision.dtypes[name]} but the language plan takes "
+                    f"{language.dtypes[name]}: build both parts at the same precision"
+                )
+
+    @property
+    def parts(self) -> list[str]:
+        """The parts this runtime has plans for (loaded or not)."""
+        return sorted(self._plans)
+
+    def _part(self, part: str) -> _Part:
         loaded = self._parts.get(part)
         if loaded is None:
             record = self._plans.get(part)
             if record is None:
-                raise RuntimeUnavailableError(
-                    f"{self.bundle.root}: no TensorRT plan for part {part!r} matching the loaded ones"
-                )
+                raise NoEngineError(f"{self.bundle.root}: no TensorRT plan for part {part!r} matching the loaded "
+                                    f"ones (have {', '.join(self.parts)})")
             plan = (self.bundle.root / record.file).read_bytes()
-            loaded = _EnginePart(self._trt, self._torch, self._runtime, plan, part, self.device)
-            self._parts[part] = loaded
+            loaded = self._parts[part] = _Part(self._trt, self._runtime, plan, part, record.file)
         return loaded
 
-    def _upload(self, group: str, name: str, array: np.ndarray, stream: Any) -> Any:
-        torch = self._torch
-        host = torch.from_numpy(np.ascontiguousarray(array))
-        staging = self._staging[group].get(name, host.numel(), host.dtype)
-        staging.copy_(host.reshape(-1))
-        with torch.cuda.stream(stream):
-            return staging.to(self.device, non_blocking=True).reshape(host.shape)
+    # ---- generic execution ---------------------------------------------------------------------
+    def run_part(
+        self,
+        part: str,
+        feed: Mapping[str, np.ndarray | DeviceArray | DeviceConcat],
+        keep_on_device: Collection[str] = (),
+    ) -> dict[str, np.ndarray | DeviceArray]:
+        """Run one plan by its tensor names; outputs in ``keep_on_device`` stay on the GPU (fresh memory).
 
-    def _download(self, group: str, outputs: dict[str, Any], stream: Any) -> dict[str, np.ndarray]:
-        torch = self._torch
-        hosts = {}
-        with torch.cuda.stream(stream):
-            for name, tensor in outputs.items():
-                staging = self._staging[group].get(f"out:{name}", tensor.numel(), torch.float32)
-                staging.copy_(tensor.reshape(-1).float(), non_blocking=True)
-                hosts[name] = (staging, tuple(tensor.shape))
-        stream.synchronize()
-        return {name: buf.numpy().reshape(shape).copy() for name, (buf, shape) in hosts.items()}
+        ``feed`` maps every input name to a host array, a ``DeviceArray`` or a ``DeviceConcat``. Blocks
+        until the outputs are complete. Raises ``ValueError`` for a missing input, a dtype mismatch or a
+        shape outside the plan's profile, ``RuntimeError`` when TensorRT refuses to enqueue.
+        """
+        group = self._groups[_VISION_GROUP if part == PART_VISION else _LANGUAGE_GROUP]
+        with group.lock:
+            self.cuda.set_device(self.device.index)
+            return self._execute(self._part(part), group, feed, set(keep_on_device))
 
+    def _execute(self, part: _Part, group: _Group, feed: Mapping[str, Any], keep: set[str]) -> dict[str, Any]:
+        unknown = set(keep) - set(part.outputs)
+        if unknown:
+            raise ValueError(f"{part.name} plan has no outputs {sorted(unknown)} (outputs: {part.outputs})")
+        context, stream = part.context, group.stream
+        bound: list[DeviceArray] = []  # referenced until the stream is synchronised
+        for name in part.inputs:
+            if name not in feed:
+                raise ValueError(f"{part.name} plan needs input {name!r}; got {sorted(feed)}")
+            array = self._bind_input(part, group, name, feed[name])
+            if not context.set_input_shape(name, array.shape):
+                raise ValueError(f"TensorRT {part.name} plan rejects input {name} of shape {array.shape} "
+                                 "(outside the optimization profile built into the plan)")
+            if not context.set_tensor_address(name, array.ptr):
+                raise RuntimeError(f"TensorRT refused the address of {part.name} input {name}")
+            bound.append(array)
+        missing = context.infer_shapes()
+        if missing:
+            raise ValueError(f"TensorRT {part.name} plan: input shapes not specified for {list(missing)}")
+        shapes = {name: tuple(int(d) for d in context.get_tensor_shape(name)) for name in part.outputs}
+        for name, shape in shapes.items():
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"{part.name} output {name} has a data-dependent shape {shape}; "
+                                   "the export must not produce one")
+        outputs: dict[str, DeviceArray] = {}
+        kept = [n for n in part.outputs if n in keep]
+        if kept:  # one aligned block for all kept outputs (e.g. one frame's visual + deepstack features)
+            offsets, total = {}, 0
+            for name in kept:
+                offsets[name] = total
+                total = align_up(total + int(np.prod(shapes[name], dtype=np.int64)) * ITEMSIZE[part.dtypes[name]])
+            block = self._allocator.alloc(total)
+            for name in kept:
+                outputs[name] = DeviceArray(block, offsets[name], shapes[name], part.dtypes[name])
+        for name in part.outputs:
+            if name not in outputs:
+                outputs[name] = group.device(f"out:{part.name}:{name}", shapes[name], part.dtypes[name])
+            if not context.set_tensor_address(name, outputs[name].ptr):
+                raise RuntimeError(f"TensorRT refused the address of {part.name} output {name}")
+        if not context.execute_async_v3(int(stream)):
+            raise RuntimeError(f"TensorRT {part.name} plan failed to enqueue (see the TensorRT log)")
+        staged = {}
+        for name in part.outputs:
+            if name in keep:
+                continue
+            array = outputs[name]
+            host = group.pinned(f"out:{name}", array.nbytes)
+            self.cuda.copy_async(host.ctypes.data, array.ptr, array.nbytes, self.cuda.D2H, stream)
+            staged[name] = host
+        self.cuda.stream_sync(stream)
+        del bound
+        result: dict[str, Any] = {name: outputs[name] for name in kept}
+        for name, host in staged.items():
+            result[name] = host_from_plan_dtype(host, part.dtypes[name], shapes[name])
+        return result
+
+    def _bind_input(self, part: _Part, group: _Group, name: str, value: Any) -> DeviceArray:
+        want = part.dtypes[name]
+        if isinstance(value, DeviceArray):
+            self._check_device_dtype(part, name, value)
+            return value
+        if isinstance(value, DeviceConcat):
+            for array in value.arrays:
+                self._check_device_dtype(part, name, array)
+            if len(value.arrays) == 1:
+                return value.arrays[0]
+            shape, copies = concat_plan([a.shape for a in value.arrays], value.axis, ITEMSIZE[want])
+            dst = group.device(f"in:{part.name}:{name}", shape, want)
+            for c in copies:
+                src = value.arrays[c.source].ptr
+                if c.height == 1:
+                    self.cuda.copy_async(dst.ptr + c.dst_offset, src, c.width, self.cuda.D2D, group.stream)
+                else:
+                    self.cuda.copy_2d_async(dst.ptr + c.dst_offset, c.dpitch, src, c.spitch, c.width, c.height,
+                                            self.cuda.D2D, group.stream)
+            return dst
+        host = host_to_plan_dtype(np.asarray(value), want, f"{part.name} input {name}")
+        staging = group.pinned(f"in:{name}", host.nbytes)
+        staging[:] = host.reshape(-1).view(np.uint8)
+        dst = group.device(f"in:{part.name}:{name}", host.shape, want)
+        self.cuda.copy_async(dst.ptr, staging.ctypes.data, host.nbytes, self.cuda.H2D, group.stream)
+        return dst
+
+    @staticmethod
+    def _check_device_dtype(part: _Part, name: str, array: DeviceArray) -> None:
+        if array.dtype != part.dtypes[name]:
+            raise ValueError(f"{part.name} plan takes {name} as {part.dtypes[name]}, got a {array.dtype} device "
+                             "tensor (build every part at the same precision)")
+
+    # ---- the Runtime interface -----------------------------------------------------------------
     def encode_frame(self, pixel_values: np.ndarray) -> FrameFeatures:
-        """Vision plan on one frame; the features stay on the GPU."""
-        stream = self._streams[PART_VISION]
-        with self._locks[PART_VISION], self._torch.cuda.device(self.device):
-            part = self._part(PART_VISION)
-            feed = {"pixel_values": self._upload(PART_VISION, "pixel_values", pixel_values.astype(np.float32), stream)}
-            with self._torch.cuda.stream(stream):
-                out = part.run(feed, stream)
-            stream.synchronize()  # the features must be complete before another stream reads them
+        """Vision plan on one frame; the features stay on the GPU (``DeviceArray``)."""
+        out = self.run_part(PART_VISION, {"pixel_values": np.asarray(pixel_values, dtype=np.float32)},
+                            keep_on_device=("visual_embeds", "deepstack_embeds"))
         return FrameFeatures(visual=out["visual_embeds"], deepstack=out["deepstack_embeds"])
 
     def run_language(self, inputs: LanguageInputs, frames: Sequence[FrameFeatures]) -> HeadOutputs:
         """Language plan (or the preference plan) on one prompt; features are concatenated on the GPU."""
-        torch = self._torch
         preference = inputs.pref_position is not None
-        stream = self._streams["language"]
-        with self._locks["language"], torch.cuda.device(self.device):
-            part = self._part(PART_LANGUAGE_PREFERENCE if preference else PART_LANGUAGE)
-            feed = {name: self._upload("language", name, value, stream) for name, value in inputs.as_feed().items()}
-            with torch.cuda.stream(stream):
-                feed["visual_embeds"] = torch.cat([f.visual for f in frames], dim=0)
-                feed["deepstack_embeds"] = torch.cat([f.deepstack for f in frames], dim=1)
-                out = part.run(feed, stream)
-            host = self._download("language", out, stream)
+        feed: dict[str, Any] = dict(inputs.as_feed())
+        feed["visual_embeds"] = DeviceConcat(tuple(f.visual for f in frames), axis=0)
+        feed["deepstack_embeds"] = DeviceConcat(tuple(f.deepstack for f in frames), axis=1)
+        out = self.run_part(PART_LANGUAGE_PREFERENCE if preference else PART_LANGUAGE, feed)
         return HeadOutputs(
-            progress_logits=host["progress_logits"],
-            success_logits=host["success_logits"],
-            preference_logit=host.get("preference_logit") if preference else None,
+            progress_logits=np.asarray(out["progress_logits"], dtype=np.float32),
+            success_logits=np.asarray(out["success_logits"], dtype=np.float32),
+            preference_logit=np.asarray(out["preference_logit"], dtype=np.float32) if preference else None,
         )
 
     def close(self) -> None:
-        """Free contexts, engines and buffers."""
+        """Synchronise, then free contexts, engines, staging buffers and streams.
+
+        Frame features still referenced elsewhere are freed when they are garbage collected.
+        """
+        for part in self._parts.values():
+            part.close()
         self._parts.clear()
-        self._staging.clear()
+        for group in self._groups.values():
+            try:
+                group.close()
+            except Exception as exc:  # keep closing the rest
+                LOG.warning("closing a TensorRT stream failed: %s", exc)
+        self._groups = {}
+        self._allocator.close()

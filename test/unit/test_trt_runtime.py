@@ -1,0 +1,317 @@
+"""The torch-free TensorRT runtime without a GPU: imports, cuda-python error handling with real calls that
+return "no driver" here, module-path resolution, plan selection from the engines index, the device-side
+concatenation plan, dtype handling, and the whole run_part path on host-memory stand-ins (trt_host_doubles)
+scoring exactly like ONNX Runtime. The real GPU path is test/gpu/test_tensorrt_runtime.py."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fixtures_bundle import TINY_INSTRUCTION, copy_bundle, random_frames
+from robometer_ros.engine import cuda_rt, trt_runtime
+from robometer_ros.engine.bundle import PART_LANGUAGE, PART_LANGUAGE_PREFERENCE, PART_VISION, Bundle, EngineKey
+from robometer_ros.engine.cuda_rt import CudaApi, CudaError, DeviceArray, DeviceConcat, concat_plan
+from robometer_ros.engine.reward_engine import RewardEngine
+from robometer_ros.engine.runtime import LibraryMissingError, NoDeviceError, NoEngineError, RuntimeStartError
+from robometer_ros.engine.trt_common import GpuIdentity
+from trt_host_doubles import HostCudart, add_host_plans, host_tensorrt
+
+REPO = Path(__file__).resolve().parents[2]
+GPU = GpuIdentity("NVIDIA Jetson AGX Orin", "8.7")
+KEY = EngineKey("tensorrt", "10.13.3", GPU.name, GPU.compute_capability, "fp32")
+
+
+def _real_cudart_or_skip():
+    try:
+        return cuda_rt.load_cudart()
+    except LibraryMissingError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def bundle(tiny_bundle, tmp_path: Path) -> Bundle:
+    return Bundle.open(copy_bundle(tiny_bundle.path, tmp_path / "bundle"))
+
+
+@pytest.fixture
+def host_trt(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """TensorRT 10.13 on an 'Orin' as the runtime sees it, backed by host memory and ONNX Runtime."""
+    trt = host_tensorrt(bundle.root, KEY.runtime_version)
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda prefer=None: (trt, "tensorrt"))
+    monkeypatch.setattr(trt_runtime, "gpu_identity", lambda index=0: GPU)
+    return trt
+
+
+# ---- imports and cuda-python ------------------------------------------------------------------------
+def test_import_needs_neither_cuda_nor_torch_nor_tensorrt() -> None:
+    # (cuda-bindings' .pth file imports the empty ``cuda`` namespace package at start-up; the bindings are not)
+    names = ("torch", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart", "tensorrt", "tensorrt_rtx")
+    code = ("import sys\nimport robometer_ros.engine.trt_runtime, robometer_ros.engine.cuda_rt\n"
+            f"print(sorted(m for m in {names!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_starting_without_a_driver_raises_a_clear_error_and_never_imports_torch(bundle: Bundle) -> None:
+    _real_cudart_or_skip()
+    add_host_plans(bundle, [PART_VISION, PART_LANGUAGE], KEY)
+    # the real start path up to the first CUDA call: plans match (GPU identity faked), cuda-python is real
+    code = (
+        "import sys\n"
+        "from robometer_ros.engine import trt_runtime\n"
+        "from robometer_ros.engine.bundle import Bundle\n"
+        "from robometer_ros.engine.runtime import RuntimeUnavailableError\n"
+        "from robometer_ros.engine.trt_common import GpuIdentity\n"
+        f"trt_runtime.gpu_identity = lambda index=0: GpuIdentity({GPU.name!r}, {GPU.compute_capability!r})\n"
+        "mod = type(sys)('tensorrt'); mod.__version__ = '10.13.3'\n"
+        "trt_runtime.import_tensorrt = lambda prefer=None: (mod, 'tensorrt')\n"
+        f"bundle = Bundle.open({str(bundle.root)!r})\n"
+        "try:\n"
+        "    trt_runtime.TensorRTRuntime(bundle)\n"
+        "except RuntimeUnavailableError as exc:\n"
+        "    print(type(exc).__name__, '|', exc)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    if "ok" in CudaApi().probe()[1]:
+        pytest.skip("this machine has a CUDA device")
+    assert "NoDeviceError | the tensorrt backend needs a CUDA GPU: no CUDA driver is installed" in out.stdout
+    assert "torch imported: False" in out.stdout
+
+
+def test_real_cuda_calls_report_no_driver_through_the_error_tuple() -> None:
+    rt = _real_cudart_or_skip()
+    cuda = CudaApi()
+    count, why = cuda.probe()
+    if count:
+        pytest.skip("this machine has a CUDA device")
+    assert why.startswith("no CUDA driver")
+    with pytest.raises(CudaError) as info:
+        cuda.malloc(256)
+    assert info.value.code == 35 and info.value.name == "cudaErrorInsufficientDriver"
+    assert "cudaMalloc(256) failed: CUDA error 35 cudaErrorInsufficientDriver" in str(info.value)
+    with pytest.raises(NoDeviceError, match="no CUDA driver"):
+        cuda.require_device(0)
+    assert cuda.check(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion") >= 12000  # a success unpacks
+    assert isinstance(info.value, RuntimeStartError)  # CUDA errors make auto fall back
+
+
+def test_every_cuda_call_used_exists_in_the_installed_bindings() -> None:
+    rt = _real_cudart_or_skip()
+    assert [name for name in cuda_rt.CUDART_CALLS if not hasattr(rt, name)] == []
+    assert hasattr(rt, "cudaStreamNonBlocking") and hasattr(rt.cudaMemcpyKind, "cudaMemcpyDeviceToDevice")
+
+
+def test_every_tensorrt_call_used_exists_in_tensorrt_rtx() -> None:
+    trt = pytest.importorskip("tensorrt_rtx")
+    missing = [f"{cls}.{name}" for cls, names in trt_runtime.TRT_CALLS.items() for name in names
+               if not hasattr(getattr(trt, cls), name)]
+    assert missing == []
+    assert trt.TensorLocation.DEVICE is not None and trt.TensorIOMode.INPUT is not None
+
+
+def test_module_path_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    _real_cudart_or_skip()
+    assert cuda_rt.load_cudart().__name__ == "cuda.bindings.runtime"
+    # cuda-bindings < 12.6.1: only the legacy module
+    import cuda
+
+    legacy = SimpleNamespace(__name__="cuda.cudart")
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    monkeypatch.setitem(sys.modules, "cuda.cudart", legacy)
+    monkeypatch.setattr(cuda, "cudart", legacy, raising=False)
+    assert cuda_rt.load_cudart() is legacy
+    # neither: the error names both paths and what to install
+    monkeypatch.setitem(sys.modules, "cuda.cudart", None)
+    monkeypatch.delattr(cuda, "cudart")
+    with pytest.raises(LibraryMissingError, match=r"cuda\.bindings\.runtime.*cuda\.cudart.*pip install 'cuda-bindings"):
+        cuda_rt.load_cudart()
+
+
+def test_deserialize_failure_is_a_start_error() -> None:
+    trt = pytest.importorskip("tensorrt_rtx")
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    with pytest.raises(RuntimeStartError, match=r"could not deserialize the vision plan engines/x\.plan"):
+        trt_runtime._Part(trt, runtime, b"not a plan", PART_VISION, "engines/x.plan")
+
+
+# ---- plan selection ---------------------------------------------------------------------------------
+def test_plan_selection_current_stale_and_other_gpu(bundle: Bundle, host_trt, monkeypatch, caplog) -> None:
+    assert trt_runtime.find_usable_engines(bundle) is None  # no index at all
+    other_gpu = EngineKey("tensorrt", "10.13.3", "NVIDIA GeForce RTX 4090", "8.9", "fp32")
+    add_host_plans(bundle, [PART_VISION, PART_LANGUAGE], other_gpu)
+    assert trt_runtime.find_usable_engines(bundle) is None  # plans for another GPU only
+    with pytest.raises(NoEngineError, match="run robometer-build-engines on this machine"):
+        trt_runtime.TensorRTRuntime(bundle, cuda=CudaApi(HostCudart()))
+    add_host_plans(bundle, [PART_VISION], KEY)
+    assert trt_runtime.find_usable_engines(bundle) is None  # this GPU, but no language plan
+    add_host_plans(bundle, [PART_LANGUAGE], KEY)
+    plans = trt_runtime.find_usable_engines(bundle)
+    assert plans is not None and {p: r.key for p, r in plans.items()} == {PART_VISION: KEY, PART_LANGUAGE: KEY}
+    fp16 = EngineKey(*[*KEY.__dict__.values()][:4], "fp16")
+    add_host_plans(bundle, [PART_VISION, PART_LANGUAGE], fp16)
+    assert trt_runtime.find_usable_engines(bundle)[PART_VISION].key.precision == "fp16"  # fastest first
+    assert trt_runtime.find_usable_engines(bundle, precision="fp32")[PART_VISION].key == KEY
+    # another TensorRT version on the robot: nothing matches
+    monkeypatch.setattr(trt_runtime, "import_tensorrt",
+                        lambda prefer=None: (SimpleNamespace(__version__="10.14.1"), "tensorrt"))
+    assert trt_runtime.find_usable_engines(bundle) is None
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda prefer=None: (host_trt, "tensorrt"))
+    # a re-exported language part makes its plans stale (ONNX checksum), with a warning
+    doc = json.loads((bundle.root / "manifest.json").read_text())
+    doc["files"]["onnx/language.onnx"]["sha256"] = "0" * 64
+    (bundle.root / "manifest.json").write_text(json.dumps(doc))
+    stale = Bundle.open(bundle.root, verify_checksums=False)
+    with caplog.at_level("WARNING"):
+        assert trt_runtime.find_usable_engines(stale) is None
+    assert "ONNX checksum differs" in caplog.text
+    # a plan exists but no GPU is visible
+    monkeypatch.setattr(trt_runtime, "gpu_identity", lambda index=0: None)
+    with pytest.raises(NoDeviceError, match="no CUDA GPU visible"):
+        trt_runtime.find_usable_engines(bundle)
+
+
+# ---- pure pieces ------------------------------------------------------------------------------------
+def _apply_on_host(plan_copies, sources: list[np.ndarray], nbytes: int) -> np.ndarray:
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    for c in plan_copies:
+        src = sources[c.source].reshape(-1).view(np.uint8)
+        for row in range(c.height):
+            dst[c.dst_offset + row * c.dpitch:c.dst_offset + row * c.dpitch + c.width] = \
+                src[row * c.spitch:row * c.spitch + c.width]
+    return dst
+
+
+@pytest.mark.parametrize(("shapes", "axis"), [
+    ([(6, 64), (6, 64), (6, 64)], 0),
+    ([(2, 6, 64), (2, 6, 64), (2, 6, 64)], 1),
+    ([(3, 4, 5), (3, 2, 5)], 1),
+    ([(2, 3), (2, 5)], 1),
+])
+def test_concat_plan_equals_numpy_concatenate(shapes, axis) -> None:
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    want = np.concatenate(arrays, axis=axis)
+    shape, copies = concat_plan(shapes, axis, 4)
+    assert shape == want.shape
+    assert len(copies) == len(shapes) and (axis > 0 or all(c.height == 1 for c in copies))
+    got = _apply_on_host(copies, arrays, want.nbytes).view(np.float32).reshape(shape)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        concat_plan([(2, 3), (3, 3)], 1, 4)
+
+
+def test_bfloat16_conversion_matches_torch() -> None:
+    torch = pytest.importorskip("torch")
+    values = np.array([0.0, -0.0, 1.0, 1.00390625, 1.01171875, -3.14159, 65504.0, 1e-30, np.inf, -np.inf, np.nan,
+                       3.3895e38], dtype=np.float32)
+    bits = cuda_rt.float32_to_bfloat16_bits(values)
+    ref = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bits[~np.isnan(values)], ref[~np.isnan(values)])
+    assert np.isnan(cuda_rt.bfloat16_bits_to_float32(bits)[np.isnan(values)]).all()
+    back = cuda_rt.bfloat16_bits_to_float32(bits)
+    np.testing.assert_array_equal(back[~np.isnan(values)],
+                                  torch.from_numpy(ref.view(np.int16)).view(torch.bfloat16).float().numpy()[~np.isnan(values)])
+
+
+def test_host_dtypes_for_plan_bindings() -> None:
+    ids = np.array([[1, 2, 3]], dtype=np.int64)
+    assert trt_runtime.host_to_plan_dtype(ids, "int64", "x").dtype == np.int64  # 8-byte INT64 binding
+    assert trt_runtime.host_to_plan_dtype(ids, "int32", "x").dtype == np.int32
+    with pytest.raises(ValueError, match="out of range for the plan's int32"):
+        trt_runtime.host_to_plan_dtype(np.array([2**40]), "int32", "language input input_ids")
+    raw = np.array([1.5, -2.0], dtype=np.float16).view(np.uint8)
+    assert trt_runtime.host_from_plan_dtype(raw, "float16", (2,)).tolist() == [1.5, -2.0]
+
+
+# ---- the whole runtime on host-memory stand-ins -----------------------------------------------------
+def test_run_part_path_scores_like_onnxruntime(bundle: Bundle, host_trt) -> None:
+    add_host_plans(bundle, [PART_VISION, PART_LANGUAGE, PART_LANGUAGE_PREFERENCE], KEY)
+    rt = HostCudart()
+    runtime = trt_runtime.TensorRTRuntime(bundle, cuda=CudaApi(rt))
+    assert runtime.backend_name == "tensorrt:fp32"
+    assert runtime.parts == [PART_LANGUAGE, PART_LANGUAGE_PREFERENCE, PART_VISION]
+    assert runtime.device.name == "Host Test GPU" and runtime.device.compute_capability == "8.9"
+    engine = RewardEngine(bundle, runtime=runtime)
+    reference = RewardEngine(bundle, backend="onnxruntime", providers=["CPUExecutionProvider"], intra_op_threads=1)
+    frames = random_frames(6, seed=3)
+    for i, image in enumerate(frames):
+        engine.add_frame(i, image)
+        reference.add_frame(i, image)
+
+    features = engine._cache[0]
+    assert isinstance(features.visual, DeviceArray) and isinstance(features.deepstack, DeviceArray)
+    m = bundle.manifest
+    tpf, hidden = m.frame.tokens_per_frame, m.hidden_size
+    assert features.visual.shape == (tpf, hidden)
+    assert features.deepstack.shape == (m.num_deepstack, tpf, hidden)
+    assert features.visual.ptr % 256 == 0 and features.deepstack.ptr % 256 == 0
+    assert features.visual.block is features.deepstack.block  # one block per frame
+    assert engine.cache_nbytes == reference.cache_nbytes == 6 * (1 + m.num_deepstack) * tpf * hidden * 4
+
+    for ids in ([0, 1, 2, 3, 4, 5], [0, 3, 3, 5], [4]):
+        a, b = engine.score(TINY_INSTRUCTION, ids), reference.score(TINY_INSTRUCTION, ids)
+        np.testing.assert_allclose(a.progress_logits, b.progress_logits, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(a.success_logits, b.success_logits, atol=1e-6, rtol=0)
+    # deepstack features [k, tokens, H] concatenate along axis 1: a strided copy when k > 1, plain when k == 1
+    assert ("cudaMemcpy2DAsync" in rt.calls) == (m.num_deepstack > 1)
+    pa = engine.preference(TINY_INSTRUCTION, [0, 1, 2], [3, 4, 5])
+    assert abs(pa - reference.preference(TINY_INSTRUCTION, [0, 1, 2], [3, 4, 5])) < 1e-6
+
+    # forgotten frames go back to the allocator's free list; the next frame reuses a block (no cudaMalloc)
+    live = runtime._allocator.live_bytes
+    engine.forget([0, 1])
+    del features
+    gc.collect()
+    assert runtime._allocator.live_bytes < live
+    mallocs = rt.calls.count("cudaMalloc")
+    engine.add_frame(10, frames[0])
+    assert rt.calls.count("cudaMalloc") == mallocs
+    np.testing.assert_allclose(engine.score(TINY_INSTRUCTION, [10, 2]).progress_logits,
+                               reference.score(TINY_INSTRUCTION, [0, 2]).progress_logits, atol=1e-6, rtol=0)
+
+    # generic run_part: named inputs, device inputs, clear errors
+    pv = engine.preprocessor(frames[1])
+    out = runtime.run_part(PART_VISION, {"pixel_values": pv})
+    assert isinstance(out["visual_embeds"], np.ndarray)
+    np.testing.assert_allclose(out["visual_embeds"], reference._cache[1].visual, atol=1e-6)
+    with pytest.raises(ValueError, match="vision plan needs input 'pixel_values'"):
+        runtime.run_part(PART_VISION, {})
+    with pytest.raises(ValueError, match="no outputs"):
+        runtime.run_part(PART_VISION, {"pixel_values": pv}, keep_on_device=("hidden",))
+    ids_dev = DeviceArray(runtime._allocator.alloc(64), 0, (1, 8), "int32")
+    inputs = engine._inputs(("progress", TINY_INSTRUCTION, 1), lambda: engine.prompts.progress(
+        TINY_INSTRUCTION, [m.frame.grid_thw]), m.sequence.max_length)
+    feed = {**inputs.as_feed(), "input_ids": ids_dev,
+            "visual_embeds": DeviceConcat((engine._cache[2].visual,)),
+            "deepstack_embeds": DeviceConcat((engine._cache[2].deepstack,), axis=1)}
+    with pytest.raises(ValueError, match="takes input_ids as int64, got a int32 device tensor"):
+        runtime.run_part(PART_LANGUAGE, feed)
+
+    engine.close()
+    reference.close()
+    del feed, ids_dev
+    gc.collect()
+    assert runtime._allocator.live_bytes == 0  # every block came back once its last view was dropped
+    assert not any(c for c in rt.blocks if c % 256)  # every address handed out was aligned
+
+
+def test_a_bad_plan_fails_the_start(bundle: Bundle, host_trt) -> None:
+    add_host_plans(bundle, [PART_VISION, PART_LANGUAGE], KEY)
+    (bundle.root / "engines" / f"{PART_LANGUAGE}.host-test.plan").write_bytes(b"corrupt")
+    doc = json.loads(bundle.engine_index_path.read_text())
+    from robometer_ros.engine.bundle import sha256_file
+
+    for entry in doc["engines"]:
+        entry["sha256"] = sha256_file(bundle.root / entry["file"])
+    bundle.engine_index_path.write_text(json.dumps(doc))
+    with pytest.raises(RuntimeStartError, match="could not deserialize the language plan"):
+        trt_runtime.TensorRTRuntime(bundle, cuda=CudaApi(HostCudart()))
