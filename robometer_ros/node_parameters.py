@@ -40,6 +40,7 @@ class ParamSpec:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
+    dynamic: bool = False  # accepts more than one type (e.g. a CPU list as "2-3", 2 or [2, 3])
 
     def descriptor(self) -> Any:
         """The rcl_interfaces ParameterDescriptor (description, range, choices, read_only)."""
@@ -49,7 +50,7 @@ class ParamSpec:
         constraints += {AT_STARTUP: ["read-only: restart the node to change it"],
                         AT_CONFIGURE: ["applied at configure: change it while unconfigured"], LIVE: []}[self.when]
         desc = ParameterDescriptor(description=self.description, additional_constraints="; ".join(constraints),
-                                   read_only=self.when == AT_STARTUP)
+                                   read_only=self.when == AT_STARTUP, dynamic_typing=self.dynamic)
         if self.low is not None and isinstance(self.default, float):
             desc.floating_point_range = [FloatingPointRange(from_value=self.low, to_value=self.high, step=0.0)]
         elif self.low is not None and isinstance(self.default, int) and not isinstance(self.default, bool):
@@ -83,10 +84,19 @@ _MONITOR_DEFAULTS = MonitorConfig()
 PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("autostart", True, "walk the node to active on its own (configure, then activate)", AT_STARTUP),
     ParamSpec("bundle", "", "path of the exported model bundle directory (manifest.json, onnx/, engines/)"),
-    ParamSpec("backend", "auto", "inference runtime; auto tries tensorrt, onnxruntime (TensorRT EP, CUDA EP, "
-              "CPU) in turn and logs why each was not taken", choices=BACKENDS),
+    ParamSpec("backend", "auto", "inference runtime; auto tries tensorrt (current plans for this GPU), "
+              "onnxruntime with the TensorRT EP, with the CUDA EP, on the CPU, then torch, and logs why each was "
+              "not taken", choices=BACKENDS),
     ParamSpec("verify_checksums", True, "hash every bundle file against its manifest sha256 at configure "
               "(~10-30 s for a 4B bundle); false still checks that every file exists with its size"),
+    ParamSpec("scoring.intra_op_threads", 0, "threads one model call may use (ONNX Runtime intra-op threads, "
+              "torch threads); 0 = the runtime's default (one per allowed CPU when scoring.cpu_affinity is set)",
+              low=0, high=1024),
+    ParamSpec("scoring.cpu_affinity", "", "CPUs the scoring threads may run on: a CPU number, a list, or the "
+              "cpulist format of taskset -c ('2-3,5'); empty = any CPU. Keep the control loop's CPU out of it",
+              dynamic=True),
+    ParamSpec("scoring.nice", 0, "niceness of the scoring threads (0-19; 10 lets a control loop on the same CPUs "
+              "go first: see the README's control-loop benchmark)", low=0, high=19),
     ParamSpec("num_frames", _SESSION.num_frames, "frames scored per step; must equal the bundle's frame count",
               low=1, high=64),
     ParamSpec("image_topic", "~/image", "camera topic (the base topic: /compressed is appended for "

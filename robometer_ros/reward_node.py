@@ -46,6 +46,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 
+from robometer_ros.engine.threads import ThreadLimits, parse_cpu_list, run_with_limits
 from robometer_ros.health import CameraGraph, HealthInputs, NodeHealth
 from robometer_ros.images import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
 from robometer_ros.monitor import REASON_SEVERITY, Event, EventKind, FailureReason, Outcome, Severity
@@ -71,13 +72,14 @@ TRIGGER_SEVERITIES = {"warn": Severity.WARN, "error": Severity.ERROR}
 EngineFactory = Callable[..., Any]
 
 
-def open_reward_engine(bundle_path: str, backend: str, verify_checksums: bool = True) -> Any:
-    """The production engine factory: ``Bundle.open(bundle_path)`` then ``RewardEngine(bundle, backend)``."""
+def open_reward_engine(bundle_path: str, backend: str, verify_checksums: bool = True, **options: Any) -> Any:
+    """The production engine factory: ``Bundle.open(bundle_path)`` then ``RewardEngine(bundle, backend,
+    **options)`` (runtime options such as ``intra_op_threads``)."""
     from robometer_ros.engine.bundle import Bundle
     from robometer_ros.engine.reward_engine import RewardEngine
 
     bundle = Bundle.open(bundle_path, verify_checksums=verify_checksums)  # first: a bad bundle is named as such
-    return RewardEngine(bundle, backend=backend)
+    return RewardEngine(bundle, backend=backend, **options)
 
 
 class ConfigurationError(Exception):
@@ -145,6 +147,7 @@ class RewardNode(LifecycleNode):
         self._worker: threading.Thread | None = None
         self._flag_failed = False
         self._last_ros_time: int | None = None
+        self._limits = ThreadLimits()
         self._warned: dict[str, float] = {}  # last warning time per kind (executor thread)
         self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diagnostics_timer = self.create_timer(float(self._param("diagnostics_period")),
@@ -311,11 +314,21 @@ class RewardNode(LifecycleNode):
 
     def _load_engine(self, config: SessionConfig) -> None:
         bundle, backend = str(self._param("bundle")), str(self._param("backend"))
-        self.get_logger().info(f"opening bundle {bundle} (backend {backend})")
         try:
-            engine = self._engine_factory(bundle, backend, verify_checksums=bool(self._param("verify_checksums")))
+            limits = ThreadLimits.from_parameters(int(self._param("scoring.intra_op_threads")),
+                                                  parse_cpu_list(self._param("scoring.cpu_affinity")),
+                                                  int(self._param("scoring.nice")))
+        except ValueError as err:
+            raise ConfigurationError(str(err)) from err
+        self._limits = limits
+        self.get_logger().info(f"opening bundle {bundle} (backend {backend}; scoring threads: {limits.describe()})")
+        try:  # created in a thread with the limits: the runtime's own threads inherit them
+            engine = run_with_limits(limits, self._engine_factory, bundle, backend,
+                                     verify_checksums=bool(self._param("verify_checksums")), **limits.runtime_options())
         except Exception as err:  # a bundle or backend problem must not kill the node
             raise ConfigurationError(f"cannot load bundle {bundle!r}: {type(err).__name__}: {err}") from err
+        for attempt in getattr(engine, "backend_attempts", ()):
+            self.get_logger().info(f"backend {attempt.describe()}")
         self._engine = engine
         if int(engine.num_frames) != config.num_frames:
             raise ConfigurationError(
@@ -518,6 +531,8 @@ class RewardNode(LifecycleNode):
     def _work(self) -> None:
         """The worker: run the session's jobs and publish each step, in order; survives anything."""
         session = self._session
+        if not self._limits.is_default:
+            self.get_logger().info(f"scoring worker {self._limits.apply_to_current_thread().describe()}")
         while session is not None:
             job = session.next_job(timeout=None)
             if job is None:  # the session was closed

@@ -148,6 +148,31 @@ class ThreadLimits:
         return f"intra-op threads {threads}, CPUs {cpus}, nice {self.nice}"
 
 
+def parse_cpu_list(text: str | int | Sequence[int]) -> tuple[int, ...]:
+    """CPU numbers from a CPU number, a list of them, or the Linux cpulist format ``taskset -c`` and
+    ``isolcpus`` use: "" (any CPU), "1", "0,2", "2-5,7". Raises ValueError naming ``scoring.cpu_affinity``."""
+    if isinstance(text, bool):
+        raise ValueError(f"scoring.cpu_affinity must be CPU numbers, got {text!r}")
+    if isinstance(text, int):
+        text = str(text)
+    elif not isinstance(text, str):
+        return tuple(int(c) for c in text)
+    cpus: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(f"scoring.cpu_affinity must look like '1' or '0,2-3' (empty = any CPU), got {text!r}") \
+                from None
+        if first < 0 or last < first:
+            raise ValueError(f"scoring.cpu_affinity range {part!r} is not a CPU range")
+        cpus.extend(range(first, last + 1))
+    return tuple(cpus)
+
+
 def _thread_nice(tid: int) -> int | None:
     try:
         return os.getpriority(os.PRIO_PROCESS, tid)

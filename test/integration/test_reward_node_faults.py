@@ -212,3 +212,18 @@ def test_a_calibration_file_is_loaded_as_it_is(start_node, probe, tmp_path):
     assert values == {f"monitor.{k}": pytest.approx(v) for k, v in chosen.__dict__.items()}
     assert node.running()
 
+
+
+def test_scoring_thread_limits_apply_to_the_worker_and_bad_ones_fail_configure(start_node, probe, tmp_path):
+    import re
+
+    node = start_node(SCRIPTED_NODE_MODULE, node_args(tmp_path, **{"scoring.nice": 7, "scoring.cpu_affinity": "0"}))
+    node.wait_for_output("scoring worker thread")
+    match = re.search(r"scoring worker thread (\d+): CPUs \[0\], nice 7", node.output())
+    assert match, node.output()
+    stat = Path(f"/proc/{node.proc.pid}/task/{match.group(1)}/stat").read_text()
+    assert int(stat.rsplit(")", 1)[1].split()[16]) == 7  # field 19 of stat: the thread's own niceness
+    args = node_args(tmp_path, **{"scoring.cpu_affinity": "'2-1'"})
+    bad = start_node(SCRIPTED_NODE_MODULE, [*args, "-r", "__node:=other"])
+    bad.wait_for_output("configure failed: scoring.cpu_affinity range '2-1' is not a CPU range")
+    assert bad.running()
