@@ -3,7 +3,8 @@
     ros2 launch robometer_ros reward.launch.py bundle:=/opt/bundles/robometer-4b \\
         image_topic:=/camera/color/image_raw instruction_topic:=/task/instruction namespace:=arm
 
-Arguments left empty keep the value from params_file (default: the package's config/reward_node.yaml).
+Arguments left empty keep the value from params_file (default: the package's config/reward_node.yaml);
+``calibration:=cal.yaml`` adds the thresholds robometer-calibrate wrote, applied after params_file.
 Without a colcon install of robometer_ros (a pip/venv checkout), the node is started as
 `python -m robometer_ros.reward_node` and the config is read from the source tree.
 """
@@ -28,6 +29,8 @@ ARGUMENTS = (
     ("namespace", "", "namespace of the node (its topics become /<namespace>/reward_node/...)"),
     ("node_name", "reward_node", "name of the node"),
     ("params_file", "", "parameters YAML; empty = the package's config/reward_node.yaml"),
+    ("calibration", "", "a second parameters YAML applied after params_file, e.g. the monitor thresholds "
+     "robometer-calibrate wrote for this robot; empty = none"),
     ("use_sim_time", "false", "use /clock (simulation or bag replay) for the node's clock"),
     ("log_level", "info", "logging level: debug, info, warn, error"),
 )
@@ -53,7 +56,9 @@ def _node(context: LaunchContext) -> list[LifecycleNode]:
         return LaunchConfiguration(name).perform(context).strip()
 
     installed, config_dir = _package_paths()
-    params_file = arg("params_file") or str(config_dir / "reward_node.yaml")
+    params_files = [arg("params_file") or str(config_dir / "reward_node.yaml")]
+    if arg("calibration"):
+        params_files.append(arg("calibration"))
     overrides: dict[str, object] = {"use_sim_time": arg("use_sim_time").lower() in ("true", "1", "yes")}
     for name in ("bundle", "image_topic", "instruction_topic"):
         if arg(name):
@@ -68,7 +73,7 @@ def _node(context: LaunchContext) -> list[LifecycleNode]:
             **executable,
             name=arg("node_name"),
             namespace=arg("namespace"),
-            parameters=[params_file, overrides],
+            parameters=[*params_files, overrides],
             arguments=arguments,
             output="screen",
             emulate_tty=True,

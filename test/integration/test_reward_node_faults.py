@@ -84,7 +84,7 @@ def test_an_instruction_the_bundle_cannot_take_is_refused_and_the_episode_goes_o
     statuses = probe.subscribe(f"{NODE}/episode", EpisodeStatus, LATCHED)
     node, rewards = _start(start_node, probe, tmp_path)
     instruction = publish_instruction(probe, TASK)
-    episode = next(s for s in statuses.messages if s.instruction == TASK).episode_id
+    episode = statuses.wait_for(1, timeout=20, predicate=lambda s: s.instruction == TASK)[0].episode_id
     instruction.publish(String(data="x" * 100_000))
     node.wait_for_output("refused, the episode goes on")
     warn = diagnostics.wait_for(1, timeout=10, predicate=lambda a: _value(a, "instructions_rejected") == "1")[-1]

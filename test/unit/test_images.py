@@ -227,11 +227,12 @@ def test_png_and_jpeg_headers_declaring_huge_sizes_are_too_large() -> None:
         compressed_to_rgb("jpeg", small, max_pixels=120 * 160 - 1)
 
 
+# The PNG is made by the test and read from a file, so that making it (a 64 MB array) does not set the
+# probe's peak RSS before the decode is measured.
 _RSS_PROBE = """
-import resource, sys
-from support.fuzz_corpus import png_bytes
+import pathlib, resource, sys
 from robometer_ros.images import compressed_to_rgb, ImageConversionError
-png = png_bytes(8000, 8000, colour_type=0)
+png = pathlib.Path(sys.argv[2]).read_bytes()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     compressed_to_rgb("png", png, max_pixels=int(sys.argv[1]))
@@ -242,13 +243,17 @@ print(len(png), outcome, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - b
 """
 
 
-def test_an_8000x8000_zero_png_is_refused_before_allocating() -> None:
+def test_an_8000x8000_zero_png_is_refused_before_allocating(tmp_path) -> None:
     """The 62 KB PNG that took the node from 250 to 934 MiB: refused with no allocation to speak of. The
     same probe with the limit lifted shows that the measurement does see the decode's memory."""
+    from support.fuzz_corpus import png_bytes
+
+    path = tmp_path / "zeros.png"
+    path.write_bytes(png_bytes(8000, 8000, colour_type=0))
 
     def peak_growth_mib(max_pixels: int) -> tuple[int, str, int]:
-        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(max_pixels)], capture_output=True, text=True,
-                             check=True, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(max_pixels), str(path)], capture_output=True,
+                             text=True, check=True, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
         size, outcome, growth = out.stdout.split()
         return int(size), outcome, int(growth)
 
