@@ -31,7 +31,6 @@ from collections.abc import Callable
 from typing import Any
 
 import rclpy
-from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import Clock, ClockType
@@ -46,22 +45,16 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 
+from robometer_ros import node_messages
 from robometer_ros.engine.threads import ThreadLimits, parse_cpu_list, run_with_limits
 from robometer_ros.health import CameraGraph, HealthInputs, NodeHealth
 from robometer_ros.images import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
-from robometer_ros.monitor import REASON_SEVERITY, Event, EventKind, FailureReason, Outcome, Severity
+from robometer_ros.monitor import Event, EventKind, Outcome, Severity
 from robometer_ros.msg import EpisodeStatus, FailureFlag, StepReward
 from robometer_ros.node_parameters import AT_CONFIGURE, PARAMETERS, SPECS
-from robometer_ros.session import (
-    NS_PER_S,
-    REWARD_MODES,
-    EpisodeChange,
-    EpisodeSnapshot,
-    ScoringSession,
-    SessionConfig,
-    StepResult,
-)
+from robometer_ros.session import EpisodeChange, EpisodeSnapshot, ScoringSession, SessionConfig, StepResult
 from robometer_ros.srv import EndEpisode
+from robometer_ros.trigger import TriggerCaller
 
 NODE_NAME = "reward_node"
 TRIGGER_SEVERITIES = {"warn": Severity.WARN, "error": Severity.ERROR}
@@ -84,18 +77,6 @@ def open_reward_engine(bundle_path: str, backend: str, verify_checksums: bool = 
 
 class ConfigurationError(Exception):
     """A parameter value or bundle that makes configure fail; the message names the problem."""
-
-
-def to_time_msg(stamp_ns: int) -> TimeMsg:
-    """Nanoseconds -> builtin_interfaces/Time."""
-    return TimeMsg(sec=int(stamp_ns // NS_PER_S), nanosec=int(stamp_ns % NS_PER_S))
-
-
-def stamp_to_ns(stamp: TimeMsg) -> int:
-    """builtin_interfaces/Time -> nanoseconds; -1 for a stamp no clock produces (nanosec >= 1e9)."""
-    if not 0 <= int(stamp.nanosec) < NS_PER_S:
-        return -1
-    return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
 
 
 def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,8 +120,7 @@ class RewardNode(LifecycleNode):
         self._publish_lock = threading.RLock()  # one step or episode change published at a time, in order
         self._recorder: Any = None
         self._pub_reward = self._pub_flag = self._pub_episode = None
-        self._trigger_client: Any = None
-        self._trigger_in_flight: tuple[Any, float, str] | None = None  # (future, wall start, reason)
+        self._trigger: TriggerCaller | None = None
         self._inputs: list[Any] = []
         self._camera_subscription: Any = None
         self._incompatible_qos = 0
@@ -237,7 +217,7 @@ class RewardNode(LifecycleNode):
         self._pub_flag = self.create_lifecycle_publisher(FailureFlag, "~/failure_flag", latched)
         self._pub_episode = self.create_lifecycle_publisher(EpisodeStatus, "~/episode", latched)
         trigger = str(self._param("trigger_service")).strip()
-        self._trigger_client = self.create_client(Trigger, trigger) if trigger else None
+        self._trigger = TriggerCaller(self, trigger, self._health) if trigger else None
         self._state = "inactive"
         self.get_logger().info(f"configured: model {self._engine.model_id} on {self._engine.backend_name} "
                                f"({config.num_frames} frames), bundle {self._param('bundle')}")
@@ -255,7 +235,7 @@ class RewardNode(LifecycleNode):
         with self._publish_lock:
             episode = self._session.episode
             self._publish_status(episode)
-            self._publish_flag(episode, None, failed=bool(episode and episode.failure), header=Header())
+            self._publish_flag(node_messages.failure_flag(episode, None, bool(episode and episode.failure), Header()))
         self._worker = threading.Thread(target=self._work, name="robometer_scoring", daemon=True)
         self._worker.start()
         fixed = str(self._param("instruction"))
@@ -375,9 +355,9 @@ class RewardNode(LifecycleNode):
             if pub is not None:
                 self.destroy_lifecycle_publisher(pub)
         self._pub_reward = self._pub_flag = self._pub_episode = None
-        if self._trigger_client is not None:
-            self.destroy_client(self._trigger_client)
-            self._trigger_client = self._trigger_in_flight = None
+        if self._trigger is not None:
+            self._trigger.destroy()
+            self._trigger = None
         self._flag_failed = False
         self._release_engine()
 
@@ -445,7 +425,7 @@ class RewardNode(LifecycleNode):
             if session is None:
                 return
             try:
-                offer = session.offer(stamp_to_ns(msg.header.stamp), msg.header.frame_id,
+                offer = session.offer(node_messages.stamp_to_ns(msg.header.stamp), msg.header.frame_id,
                                       functools.partial(convert, msg, max_pixels=int(self._param("max_image_pixels"))),
                                       keep=msg)
             except ImageConversionError as err:
@@ -549,24 +529,15 @@ class RewardNode(LifecycleNode):
     # ------------------------------------------------------------------------------------ outputs
     def _publish_step(self, result: StepResult) -> None:
         """A StepResult -> StepReward (when it has scores), its events, the status (publish lock held)."""
-        header = Header(stamp=to_time_msg(result.stamp_ns), frame_id=result.camera_frame_id)
         if result.ok:
-            msg = StepReward(header=header, episode_id=result.episode_id, step=result.step,
-                             instruction=result.instruction, progress=result.progress,
-                             success_probability=result.success_probability,
-                             reward_mode=REWARD_MODES.index(result.reward_mode), reward=result.reward,
-                             frame_stamps=[to_time_msg(s) for s in result.frame_stamps_ns],
-                             frame_progress=[float(v) for v in result.frame_progress],
-                             frame_success_probability=[float(v) for v in result.frame_success_probability],
-                             frames_in_episode=result.frames_in_episode, model_id=str(self._engine.model_id),
-                             backend=str(self._engine.backend_name), inference_time=result.inference_time)
+            msg = node_messages.step_reward(result, str(self._engine.model_id), str(self._engine.backend_name))
             self._pub_reward.publish(msg)
             self._record(lambda rec: rec.record_step_reward(msg))
-            age_ms = (self.get_clock().now().nanoseconds - result.stamp_ns) / 1e6
-            self._health.step(result.inference_time, age_ms)
+            self._health.step(result.inference_time, (self.get_clock().now().nanoseconds - result.stamp_ns) / 1e6)
         else:
             self._health.model_error(result.error)
             self.get_logger().error(f"model error: {result.error}", throttle_duration_sec=5.0)
+        header = node_messages.camera_header(result.stamp_ns, result.camera_frame_id)
         for event in result.events:
             self._publish_event(result.status, event, header, call_trigger=True)
         if result.status_changed or result.events:
@@ -576,20 +547,19 @@ class RewardNode(LifecycleNode):
         """An episode boundary: the final steps and verdict of the old episode, its end, the new one."""
         for step in change.final_steps:
             self._publish_step(step)
-        ended = change.ended
+        ended, started = change.ended, change.started
         if ended is not None:
-            header = Header(stamp=to_time_msg(ended.stamp_ns), frame_id=ended.camera_frame_id)
+            header = node_messages.camera_header(ended.stamp_ns, ended.camera_frame_id)
             for event in change.end_events:  # ~/end_episode's verdict: on record, never a trigger call
                 self._publish_event(ended, event, header, call_trigger=False)
             status = self._publish_status(ended, record=False)
             self._record(lambda rec: rec.end_episode(outcome=int(ended.outcome), note=note or change.reason,
                                                      verdict=ended.verdict, status_msg=status))
-        started = change.started
         if started is not None:
             self._record(lambda rec: rec.start_episode(started.episode_id, started.instruction))
             self._publish_status(started)
             if self._flag_failed:  # the latched flag still says the old episode failed: not this one
-                self._publish_flag(started, None, failed=False, header=Header(), detail="new episode")
+                self._publish_flag(node_messages.failure_flag(started, None, False, Header(), "new episode"))
             ended_text = f"ended episode {ended.episode_id} ({ended.steps} steps, {ended.verdict}); " if ended else ""
             self.get_logger().info(f"{change.reason}: {ended_text}started episode {started.episode_id}: "
                                    f"{started.instruction!r}")
@@ -599,107 +569,28 @@ class RewardNode(LifecycleNode):
             self.get_logger().info(f"episode {episode.episode_id} succeeded: {event.detail}")
             return
         failed = event.kind is EventKind.FAILURE_RAISED
-        self._publish_flag(episode, event, failed=failed, header=header)
+        self._publish_flag(node_messages.failure_flag(episode, event, failed, header))
         if not failed:
             self.get_logger().info(f"episode {episode.episode_id}: {event.detail}")
             return
         self.get_logger().warning(f"episode {episode.episode_id} failure {event.reason.name}: {event.detail}")
-        if call_trigger and event.severity >= TRIGGER_SEVERITIES[str(self._param("trigger_severity"))]:
-            self._call_trigger(episode, event)
+        threshold = TRIGGER_SEVERITIES[str(self._param("trigger_severity"))]
+        if call_trigger and self._trigger is not None and event.severity >= threshold:
+            self._trigger.call(event.reason.name, episode.episode_id)
 
-    def _publish_flag(self, episode: EpisodeSnapshot | None, event: Event | None, failed: bool, header: Header,
-                      detail: str = "") -> None:
-        msg = FailureFlag(header=header, episode_id=episode.episode_id if episode else "", failed=failed)
-        if event is not None:
-            msg.reason = int(event.reason) if failed else FailureFlag.REASON_NONE
-            msg.severity = int(event.severity)
-            msg.confidence, msg.detail = float(event.confidence), event.detail
-            progress = event.progress
-        else:
-            reason = episode.failure if (episode and failed) else FailureReason.NONE
-            msg.reason, msg.severity = int(reason), int(REASON_SEVERITY[reason])
-            msg.confidence, msg.detail = 1.0, detail or ("no failure" if not failed else reason.name)
-            progress = episode.progress if episode else 0.0
-        msg.progress = float(progress) if math.isfinite(progress) else 0.0
-        msg.max_progress = float(event.max_progress if event else (episode.max_progress if episode else 0.0))
-        self._flag_failed = failed
+    def _publish_flag(self, msg: FailureFlag) -> None:
+        self._flag_failed = msg.failed
         if self._pub_flag is not None:
             self._pub_flag.publish(msg)
         self._record(lambda rec: rec.record_failure_flag(msg))
 
     def _publish_status(self, episode: EpisodeSnapshot | None, record: bool = True) -> EpisodeStatus:
-        msg = EpisodeStatus(state=EpisodeStatus.STATE_WAITING)
-        if episode is not None:
-            msg.header = Header(stamp=to_time_msg(episode.stamp_ns), frame_id=episode.camera_frame_id)
-            msg.episode_id, msg.instruction = episode.episode_id, episode.instruction
-            if episode.start_stamp_ns is not None:
-                msg.start_stamp = to_time_msg(episode.start_stamp_ns)
-            msg.state, msg.outcome = int(episode.state), int(episode.outcome)
-            msg.steps, msg.frames = episode.steps, episode.frames
-            msg.progress = episode.progress if math.isfinite(episode.progress) else 0.0
-            msg.success_probability = (episode.success_probability
-                                       if math.isfinite(episode.success_probability) else 0.0)
+        msg = node_messages.episode_status(episode)
         if self._pub_episode is not None:
             self._pub_episode.publish(msg)
         if record and episode is not None:
             self._record(lambda rec: rec.record_episode_status(msg))
         return msg
-
-    def _call_trigger(self, episode: EpisodeSnapshot, event: Event) -> None:
-        """Call trigger_service without waiting (at most one call in flight; the timeout is checked with
-        the diagnostics); log the answer when it comes."""
-        client = self._trigger_client
-        if client is None:
-            return
-        name = self.resolve_service_name(str(self._param("trigger_service")))
-        reason = event.reason.name
-        if self._trigger_in_flight is not None:
-            self._health.trigger_event("skipped_in_flight")
-            self.get_logger().warning(f"failure {reason} not forwarded: the previous call to {name} has not "
-                                      "answered yet")
-            return
-        if not client.service_is_ready():
-            self._health.trigger_event("unavailable", name)
-            self.get_logger().error(f"failure {reason} not forwarded: trigger service {name} is not available")
-            return
-        self._health.trigger_event("called")
-        future = client.call_async(Trigger.Request())
-        self._trigger_in_flight = (future, time.monotonic(), reason)
-
-        def done(fut: Any) -> None:
-            if self._trigger_in_flight is not None and self._trigger_in_flight[0] is fut:
-                self._trigger_in_flight = None
-            if fut.cancelled():
-                return
-            try:
-                answer = fut.result()
-            except Exception as err:
-                self._health.trigger_event("failed", f"{name}: {err}")
-                self.get_logger().error(f"trigger {name} for {reason} failed: {err}")
-                return
-            self._health.trigger_event("succeeded" if answer.success else "refused", f"{name}: {answer.message}")
-            log = self.get_logger().info if answer.success else self.get_logger().warning
-            log(f"trigger {name} for {reason} in episode {episode.episode_id}: success={answer.success} "
-                f"message={answer.message!r}")
-
-        future.add_done_callback(done)
-
-    def _check_trigger_timeout(self) -> None:
-        in_flight = self._trigger_in_flight
-        if in_flight is None:
-            return
-        future, started, reason = in_flight
-        timeout = float(self._param("trigger_timeout_s"))
-        if future.done() or time.monotonic() - started < timeout:
-            return
-        self._trigger_in_flight = None
-        if self._trigger_client is not None:
-            self._trigger_client.remove_pending_request(future)
-        future.cancel()
-        name = self.resolve_service_name(str(self._param("trigger_service")))
-        self._health.trigger_event("timeout", f"{name} did not answer the call for {reason} within {timeout:g} s")
-        self.get_logger().warning(f"trigger {name} did not answer the call for {reason} within {timeout:g} s "
-                                  "(trigger_timeout_s); the call is abandoned")
 
     def _warn_throttled(self, key: str, text: str, period_s: float = 5.0) -> None:
         """A warning at most every ``period_s`` per key, so one kind of bad input cannot hide another."""
@@ -721,7 +612,8 @@ class RewardNode(LifecycleNode):
     # ------------------------------------------------------------------------------------ diagnostics
     @guarded
     def _publish_diagnostics(self) -> None:
-        self._check_trigger_timeout()
+        if self._trigger is not None:
+            self._trigger.check_timeout(float(self._param("trigger_timeout_s")))
         status = DiagnosticStatus(name=f"robometer_ros: {self.get_fully_qualified_name()}",
                                   hardware_id=str(getattr(self._engine, "model_id", "")))
         level, message, values = self._health.report(self._health_inputs())
