@@ -342,7 +342,11 @@ class RobometerModel(nn.Module):
         past_length, length = past_keys.shape[3], input_ids.shape[1]
         key_positions = torch.arange(past_length + length, device=hidden.device)
         query_positions = torch.arange(length, device=hidden.device) + past_length
-        attention_mask = (key_positions[None, :] <= query_positions[:, None])[None, None]  # [1, 1, S, P + S]
+        allowed = (key_positions[None, :] <= query_positions[:, None])[None, None]  # [1, 1, S, P + S]
+        # additive, not boolean: the ONNX export of SDPA with a boolean mask adds a NaN guard over the whole
+        # [B, heads, S, P + S] attention (no row here is fully masked: every query sees the prefix)
+        zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        attention_mask = torch.where(allowed, zero, torch.finfo(hidden.dtype).min)
         cache = _PrefixCache(past_keys, past_values)
         hidden = self._decode(hidden, position_ids, attention_mask, deepstack_embeds, visual_index, visual_mask,
                               cache)
