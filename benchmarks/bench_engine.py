@@ -25,8 +25,8 @@ at that episode length, "prefix KV MB" the cached prefix keys/values (one per ep
 Offline scoring (the second table): an episode of ``--replay-frames`` frames is replayed as
 robometer-score does (one scoring step per frame, frames already encoded): one ``score`` call per step
 (plain, and with prefix reuse) vs one ``RewardEngine.score_batch`` call (prefix reuse, the suffix part on
-``--batch-size`` stacked steps per call). steps/s of the language work alone (best of two replays),
-and with the n frames' encoding (n x V) added.
+``--batch-size`` stacked steps per call; default the engine's: 4 on a CPU, the bundle's max_batch on a
+GPU). steps/s of the language work alone (best of two replays), and with the n frames' encoding (n x V).
 
 To keep the run short, the cache is filled for the first n - steps frames by copying the features of a
 few encoded frames (real memory, no timing), and only the last ``--steps`` steps are timed.
@@ -208,7 +208,7 @@ def make_engines(backend: str, model, bundle, device: str, threads: int):
 
 def run_backend(config: str, backend: str, model, tok, bundle, frames: list[np.ndarray], lengths: list[int],
                 steps: int, device: str, threads: int, replay_frames: int,
-                batch_size: int) -> tuple[list[Row], ReplayRow]:
+                batch_size: int | None) -> tuple[list[Row], ReplayRow]:
     import torch
 
     cuda = device.startswith("cuda")
@@ -327,9 +327,10 @@ def run_backend(config: str, backend: str, model, tok, bundle, frames: list[np.n
     plain_s = replay_seconds(plain, batched=False)
     prefixed_s = batched_s = None
     if prefixed is not None:
+        batch_size = batch_size or prefixed.default_batch_size
         prefixed_s = replay_seconds(prefixed, batched=False)
         batched_s = replay_seconds(prefixed, batched=True)
-    replay = ReplayRow(config, name, replay_frames, batch_size, v, plain_s, prefixed_s, batched_s)
+    replay = ReplayRow(config, name, replay_frames, batch_size or 1, v, plain_s, prefixed_s, batched_s)
     print(f"  {config} {name} replay of {replay_frames} steps: one at a time {plain_s:.2f} s"
           + (f", with prefix {prefixed_s:.2f} s, batched {batched_s:.2f} s" if prefixed_s is not None else ""),
           flush=True)
@@ -395,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", nargs="+", type=int, default=[8, 32, 128, 512])
     p.add_argument("--steps", type=int, default=6, help="timed steps per episode length (the last ones)")
     p.add_argument("--replay-frames", type=int, default=32, help="offline replay: episode frames = steps")
-    p.add_argument("--batch-size", type=int, default=16, help="offline replay: steps per score_batch suffix call")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="offline replay: steps per score_batch suffix call (default: the engine's, 4 on a CPU)")
     p.add_argument("--frame-size", default="256x320", help="model frame size HxW (multiples of 32)")
     p.add_argument("--camera-size", default="240x320", help="camera frame size HxW (resized by preprocessing)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torch backend and the 4b model)")
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     frames = [rng.integers(0, 256, (ch, cw, 3), dtype=np.uint8) for _ in range(16)]
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, dtype {dtype}, "
           f"frame {fh}x{fw} (camera {ch}x{cw}), steps {args.steps}, replay {args.replay_frames} steps "
-          f"(batch {args.batch_size}), cpu count {os.cpu_count()}")
+          f"(batch {args.batch_size or 'engine default'}), cpu count {os.cpu_count()}")
 
     from robometer_ros.training.export import export_bundle
 

@@ -40,6 +40,8 @@ from robometer_ros.engine.runtime import (
 LOG = logging.getLogger(__name__)
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+#: score_batch's suffix prompts per call on the CPU provider (benchmarks/bench_engine.py: larger batches lose there)
+CPU_SUFFIX_BATCH = 4
 
 
 def _trt_cache_dir(bundle: Bundle) -> str:
@@ -140,6 +142,8 @@ class OnnxRuntimeRuntime(Runtime):
             self._session(part)
         main = self.providers_in_use[step_parts[-1]][0]
         self.backend_name = f"onnxruntime:{main}"
+        if main == "CPUExecutionProvider":
+            self.preferred_suffix_batch = CPU_SUFFIX_BATCH
 
     def _session(self, part: str) -> Any:
         session = self._sessions.get(part)

@@ -190,6 +190,15 @@ class RewardEngine:
         return self._prefix_reuse
 
     @property
+    def default_batch_size(self) -> int:
+        """score_batch's prompts per suffix call: what suits the runtime's device (4 on a CPU), at most the
+        bundle's ``prefix.max_batch`` (the TensorRT profiles' limit; 16 when the bundle has none)."""
+        limits = self.bundle.manifest.prefix
+        limit = limits.max_batch if limits is not None else DEFAULT_SUFFIX_BATCH
+        preferred = getattr(self.runtime, "preferred_suffix_batch", None)
+        return min(limit, preferred) if preferred else limit
+
+    @property
     def frame_size(self) -> tuple[int, int]:
         """(height, width) every frame is resized to before the vision part."""
         return (self.bundle.manifest.frame.height, self.bundle.manifest.frame.width)
@@ -360,7 +369,7 @@ class RewardEngine:
 
         All lists must have the same length (one token layout). With prefix reuse, lists that share their
         first frame share its prefix and run through the suffix part ``batch_size`` at a time (default:
-        the bundle's ``prefix.max_batch``, 16 without one); without it, one plain language call per list.
+        ``default_batch_size``); without it, one plain language call per list.
         The results equal ``score`` on each list; each ``Scores.inference_time`` is the call's time divided
         by the number of lists.
         """
@@ -377,9 +386,7 @@ class RewardEngine:
                              f"{sorted(lengths)}")
         features = [self._features(ids, f"frame_id_lists[{i}]") for i, ids in enumerate(frame_id_lists)]
         if self._prefix_reuse:
-            if batch_size is None:
-                prefix_limits = self.bundle.manifest.prefix
-                batch_size = prefix_limits.max_batch if prefix_limits is not None else DEFAULT_SUFFIX_BATCH
+            batch_size = self.default_batch_size if batch_size is None else batch_size
             if batch_size < 1:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
             logits = self._run_with_prefix(instruction, [tuple(ids) for ids in frame_id_lists], features, batch_size)

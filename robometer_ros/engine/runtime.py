@@ -167,6 +167,9 @@ class Runtime(ABC):
 
     #: whether run_prefix / run_suffix work (the bundle has the prefix parts and this runtime runs them)
     supports_prefix: bool = False
+    #: prompts per run_suffix call that suit this device (None: as many as the bundle's profiles allow). On a
+    #: CPU a large batch's attention tensors outgrow the caches and lose to a few prompts per call.
+    preferred_suffix_batch: int | None = None
 
     def run_prefix(self, inputs: PrefixInputs, first: FrameFeatures) -> PrefixState:
         """``language_prefix`` on the shared prompt prefix whose only frame is ``first``."""

@@ -39,6 +39,8 @@ class TorchRuntime(Runtime):
         self.grid_thw = tuple(int(v) for v in grid_thw)
         self.backend_name = f"torch:{self.device.type}"
         self.supports_prefix = prefix_reuse is not False
+        if self.device.type == "cpu":
+            self.preferred_suffix_batch = 4  # larger batches lose on a CPU (benchmarks/bench_engine.py)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, device: str = "cpu", prefix_reuse: bool | None = None,

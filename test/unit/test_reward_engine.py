@@ -417,5 +417,9 @@ def test_score_batch_stacks_prompts_that_share_a_prefix(tiny_bundle, frames) -> 
     engine.score_batch(TINY_INSTRUCTION, lists, batch_size=4)
     assert runtime.prefix_calls == 2  # first frames 0 and 2
     assert runtime.suffix_batches == [4, 3, 1]
-    engine.score_batch(TINY_INSTRUCTION, lists)  # the bundle's max batch (16): one call per prefix
+    # a runtime without a device preference: the bundle's max batch (16), one call per prefix
+    assert engine.default_batch_size == 16
+    engine.score_batch(TINY_INSTRUCTION, lists)
     assert runtime.suffix_batches[3:] == [7, 1] and runtime.prefix_calls == 2  # prefixes were cached
+    # ONNX Runtime on the CPU prefers a few prompts per call
+    assert RewardEngine(tiny_bundle.bundle, runtime=runtime.inner).default_batch_size == 4
