@@ -8,6 +8,8 @@ A bundle is a directory::
     onnx/vision.onnx              one frame -> visual token embeddings + deepstack features
     onnx/language.onnx            prompt embeddings + cached visual features -> per-frame heads
     onnx/language_preference.onnx the same plus the preference head at <|pref_token|>
+    onnx/language_prefix.onnx     optional (schema 2): the prompt prefix + first frame -> its keys/values
+    onnx/language_suffix.onnx     optional (schema 2): the rest of the prompt on those keys/values, batched
     onnx/*.onnx.data              external weight files (always for models over 2 GB)
     checkpoint/                   optional: our safetensors layout, for the torch backend
     engines/index.json            TensorRT plans built on the target (keyed by TensorRT version,
@@ -34,7 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+#: what the exporter writes. 2 = 1 + the optional prefix-reuse parts and the manifest's "prefix" ranges.
+SCHEMA_VERSION = 2
+#: what Bundle.open reads (schema 1 bundles, e.g. bundles/default, have only the three plain parts)
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 ENGINE_INDEX_NAME = "engines/index.json"
 ENGINE_INDEX_SCHEMA_VERSION = 1
@@ -44,6 +49,11 @@ PART_VISION = "vision"
 PART_LANGUAGE = "language"
 PART_LANGUAGE_PREFERENCE = "language_preference"
 PART_NAMES = (PART_VISION, PART_LANGUAGE, PART_LANGUAGE_PREFERENCE)
+# Prefix reuse (schema 2, optional, always both): ``language`` cut after the first frame's prog token.
+PART_LANGUAGE_PREFIX = "language_prefix"
+PART_LANGUAGE_SUFFIX = "language_suffix"
+PREFIX_PART_NAMES = (PART_LANGUAGE_PREFIX, PART_LANGUAGE_SUFFIX)
+ALL_PART_NAMES = PART_NAMES + PREFIX_PART_NAMES
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8")
@@ -149,6 +159,24 @@ class SequenceLimits:
     preference_max_length: int
 
 
+@dataclass(frozen=True)
+class PrefixLimits:
+    """Ranges the prefix-reuse parts serve (their TensorRT profiles use them).
+
+    ``min/opt/max_length``: prefix tokens (chat text + instruction + first frame + its prog token);
+    ``suffix_*_length``: tokens after the prefix for 2, ``num_frames`` and ``max_frames`` frames;
+    ``max_batch``: prompts per ``language_suffix`` call (offline scoring stacks the steps of an episode).
+    """
+
+    min_length: int
+    opt_length: int
+    max_length: int
+    suffix_min_length: int
+    suffix_opt_length: int
+    suffix_max_length: int
+    max_batch: int
+
+
 @dataclass
 class Manifest:
     """The parsed ``manifest.json``. ``Manifest.from_json`` validates every field it reads."""
@@ -172,6 +200,8 @@ class Manifest:
     precision: str
     files: dict[str, dict[str, Any]]
     checkpoint_dir: str | None = None
+    #: ranges of the prefix-reuse parts; set exactly when ``parts`` has them
+    prefix: PrefixLimits | None = None
     created_by: str = ""
     created_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -206,6 +236,7 @@ class Manifest:
             "tokenizer": {"file": self.tokenizer_file, "chat_template": self.chat_template_file},
             "parts": {name: part.to_json() for name, part in self.parts.items()},
             "sequence": asdict(self.sequence),
+            "prefix": asdict(self.prefix) if self.prefix is not None else None,
             "precision": self.precision,
             "checkpoint": {"dir": self.checkpoint_dir} if self.checkpoint_dir else None,
             "created_by": self.created_by,
@@ -219,10 +250,11 @@ class Manifest:
         """Parse and validate a manifest document; raise ``BundleError`` naming the bad field."""
         r = _FieldReader(doc, source)
         version = r.int("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
             raise BundleError(
                 f"{source}: unknown schema_version {version}; this robometer_ros reads schema_version "
-                f"{SCHEMA_VERSION} (re-export the bundle with a matching robometer-export)"
+                f"{' or '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))} (re-export the bundle with a matching "
+                "robometer-export)"
             )
         model = r.sub("model")
         frame = r.sub("frame")
@@ -251,8 +283,26 @@ class Manifest:
         parts: dict[str, PartSpec] = {}
         for name in PART_NAMES:
             parts[name] = _parse_part(name, parts_reader.sub(name))
+        optional = [name for name in PREFIX_PART_NAMES if name in parts_reader.names()]
+        if optional and version < 2:
+            raise BundleError(f"{source}: parts {optional} need schema_version 2, the manifest says {version}")
+        if optional and len(optional) != len(PREFIX_PART_NAMES):
+            raise BundleError(f"{source}: parts.{optional[0]} comes with "
+                              f"{' and '.join(PREFIX_PART_NAMES)}; the other is missing")
+        for name in optional:
+            parts[name] = _parse_part(name, parts_reader.sub(name))
+        unknown = sorted(set(parts_reader.names()) - set(ALL_PART_NAMES))
+        if unknown:
+            raise BundleError(f"{source}: unknown parts {unknown}; known parts: {', '.join(ALL_PART_NAMES)}")
         seq = r.sub("sequence")
         limits = SequenceLimits(**{f: seq.int(f, minimum=0) for f in SequenceLimits.__dataclass_fields__})
+        prefix_limits = None
+        if doc.get("prefix") is not None:
+            pre = r.sub("prefix")
+            prefix_limits = PrefixLimits(**{f: pre.int(f, minimum=1) for f in PrefixLimits.__dataclass_fields__})
+        if bool(optional) != (prefix_limits is not None):
+            raise BundleError(f"{source}: the prefix field and the parts {', '.join(PREFIX_PART_NAMES)} come "
+                              "together (one is missing)")
         precision = r.str("precision")
         if precision not in PRECISIONS:
             raise BundleError(f"{source}: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -295,6 +345,7 @@ class Manifest:
             precision=precision,
             files=files,
             checkpoint_dir=checkpoint_dir,
+            prefix=prefix_limits,
             created_by=str(doc.get("created_by", "")),
             created_at=str(doc.get("created_at", "")),
             extra=dict(doc.get("extra") or {}),
@@ -660,8 +711,14 @@ class Bundle:
         """The model id recorded at export."""
         return self.manifest.model_id
 
+    @property
+    def has_prefix_parts(self) -> bool:
+        """Whether the bundle holds ``language_prefix`` / ``language_suffix`` (prefix reuse across steps)."""
+        return all(name in self.manifest.parts for name in PREFIX_PART_NAMES)
+
     def part(self, name: str) -> PartSpec:
-        """The manifest entry of an ONNX part (``vision``, ``language``, ``language_preference``)."""
+        """The manifest entry of an ONNX part (``vision``, ``language``, ``language_preference``, and with
+        schema 2 optionally ``language_prefix`` / ``language_suffix``)."""
         if name not in self.manifest.parts:
             raise BundleError(f"bundle has no part {name!r}; parts: {sorted(self.manifest.parts)}")
         return self.manifest.parts[name]
@@ -771,6 +828,9 @@ def describe(bundle: Bundle) -> str:
         f"  prompt length {m.sequence.min_length}..{m.sequence.max_length} "
         f"(preference {m.sequence.preference_min_length}..{m.sequence.preference_max_length})",
     ]
+    if m.prefix is not None:
+        lines.append(f"  prefix reuse: prefix {m.prefix.min_length}..{m.prefix.max_length} tokens, suffix "
+                     f"{m.prefix.suffix_min_length}..{m.prefix.suffix_max_length}, batch <= {m.prefix.max_batch}")
     for part in m.parts.values():
         ins = ", ".join(f"{t.name}{list(t.shape)}" for t in part.inputs)
         outs = ", ".join(f"{t.name}{list(t.shape)}" for t in part.outputs)

@@ -18,19 +18,32 @@ from typing import Any
 
 import numpy as np
 
-from robometer_ros.engine.bundle import PART_LANGUAGE, PART_LANGUAGE_PREFERENCE, PART_VISION, Bundle
+from robometer_ros.engine.bundle import (
+    PART_LANGUAGE,
+    PART_LANGUAGE_PREFERENCE,
+    PART_LANGUAGE_PREFIX,
+    PART_LANGUAGE_SUFFIX,
+    PART_VISION,
+    Bundle,
+)
 from robometer_ros.engine.runtime import (
     FrameFeatures,
     HeadOutputs,
     LanguageInputs,
     LibraryMissingError,
+    PrefixInputs,
+    PrefixState,
     ProviderUnavailableError,
     Runtime,
+    RuntimeUnavailableError,
+    SuffixInputs,
 )
 
 LOG = logging.getLogger(__name__)
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+#: score_batch's suffix prompts per call on the CPU provider (benchmarks/bench_engine.py: larger batches lose there)
+CPU_SUFFIX_BATCH = 4
 
 
 def _trt_cache_dir(bundle: Bundle) -> str:
@@ -71,7 +84,13 @@ def trt_ep_profile_options(bundle: Bundle, part: str) -> dict[str, str]:
 
 
 class OnnxRuntimeRuntime(Runtime):
-    """The bundle's ONNX parts in ONNX Runtime sessions (the preference session is created on first use)."""
+    """The bundle's ONNX parts in ONNX Runtime sessions.
+
+    Opened at creation: vision and the part each step runs: language_prefix + language_suffix when the
+    bundle has them and ``prefix_reuse`` is not False, else language. The others (language when prefix
+    reuse is on, language_preference) are opened on first use: each language session holds the decoder
+    weights once more.
+    """
 
     def __init__(
         self,
@@ -81,6 +100,7 @@ class OnnxRuntimeRuntime(Runtime):
         trt_fp16: bool = True,
         allow_spinning: bool = False,
         require_provider: str | None = None,
+        prefix_reuse: bool | None = None,
         **_: Any,
     ) -> None:
         try:
@@ -119,10 +139,18 @@ class OnnxRuntimeRuntime(Runtime):
         self._allow_spinning = allow_spinning
         self._sessions: dict[str, Any] = {}
         self.providers_in_use: dict[str, list[str]] = {}
+        if prefix_reuse and not bundle.has_prefix_parts:
+            raise RuntimeUnavailableError(f"{bundle.root}: prefix_reuse=True but the bundle has no "
+                                          f"{PART_LANGUAGE_PREFIX} / {PART_LANGUAGE_SUFFIX} parts (re-export it)")
+        self.supports_prefix = bundle.has_prefix_parts and prefix_reuse is not False
         self._session(PART_VISION)
-        self._session(PART_LANGUAGE)
-        main = self.providers_in_use[PART_LANGUAGE][0]
+        step_parts = [PART_LANGUAGE_PREFIX, PART_LANGUAGE_SUFFIX] if self.supports_prefix else [PART_LANGUAGE]
+        for part in step_parts:
+            self._session(part)
+        main = self.providers_in_use[step_parts[-1]][0]
         self.backend_name = f"onnxruntime:{main}"
+        if main == "CPUExecutionProvider":
+            self.preferred_suffix_batch = CPU_SUFFIX_BATCH
 
     def _session(self, part: str) -> Any:
         session = self._sessions.get(part)
@@ -182,6 +210,29 @@ class OnnxRuntimeRuntime(Runtime):
             success_logits=np.asarray(out[1], dtype=np.float32),
             preference_logit=np.asarray(out[2], dtype=np.float32) if preference else None,
         )
+
+    def run_prefix(self, inputs: PrefixInputs, first: FrameFeatures) -> PrefixState:
+        """language_prefix on the shared prompt prefix (keys/values stay numpy: ORT's native host arrays)."""
+        feed = inputs.as_feed()
+        feed["visual_embeds"] = first.visual
+        feed["deepstack_embeds"] = first.deepstack
+        progress, success, keys, values = self._session(PART_LANGUAGE_PREFIX).run(
+            ["progress_logits", "success_logits", "past_keys", "past_values"], feed)
+        return PrefixState(past_keys=keys, past_values=values, progress_logits=np.asarray(progress, np.float32),
+                           success_logits=np.asarray(success, np.float32))
+
+    def run_suffix(
+        self, inputs: SuffixInputs, prefix: PrefixState, frames: Sequence[Sequence[FrameFeatures]]
+    ) -> HeadOutputs:
+        """language_suffix for a batch of prompts sharing ``prefix``: features stacked on a batch axis."""
+        feed = inputs.as_feed()
+        feed["visual_embeds"] = np.stack([np.concatenate([f.visual for f in row], axis=0) for row in frames])
+        feed["deepstack_embeds"] = np.stack([np.concatenate([f.deepstack for f in row], axis=1) for row in frames])
+        feed["past_keys"] = prefix.past_keys
+        feed["past_values"] = prefix.past_values
+        progress, success = self._session(PART_LANGUAGE_SUFFIX).run(["progress_logits", "success_logits"], feed)
+        return HeadOutputs(progress_logits=np.asarray(progress, np.float32),
+                           success_logits=np.asarray(success, np.float32))
 
     def close(self) -> None:
         """Drop the sessions."""

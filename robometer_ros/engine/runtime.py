@@ -112,6 +112,59 @@ class LanguageInputs:
 
 
 @dataclass
+class PrefixInputs:
+    """Host-side (numpy) inputs of ``language_prefix``: the first P positions of a progress layout
+    (chat text, instruction, first frame, its prog token); see ``model.prompt.split_after_first_frame``."""
+
+    input_ids: np.ndarray  # [1, P] int64
+    position_ids: np.ndarray  # [3, 1, P] int64
+    visual_index: np.ndarray  # [1, P] int64
+    visual_mask: np.ndarray  # [1, P] bool
+
+    def as_feed(self) -> dict[str, np.ndarray]:
+        """The ONNX input dict (without the first frame's features)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "visual_index": self.visual_index,
+                "visual_mask": self.visual_mask}
+
+
+@dataclass
+class SuffixInputs:
+    """Host-side (numpy) inputs of ``language_suffix``, shared by every prompt of a batch."""
+
+    input_ids: np.ndarray  # [1, S] int64
+    position_ids: np.ndarray  # [3, 1, S] int64, continuing the prefix's
+    visual_index: np.ndarray  # [1, S] int64, rows of the suffix frames' features
+    visual_mask: np.ndarray  # [1, S] bool
+    prog_positions: np.ndarray  # [F-1] int64, within the suffix
+
+    def as_feed(self) -> dict[str, np.ndarray]:
+        """The ONNX input dict (without the frames' features and the prefix keys/values)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "visual_index": self.visual_index,
+                "visual_mask": self.visual_mask, "prog_positions": self.prog_positions}
+
+
+@dataclass
+class PrefixState:
+    """``language_prefix``'s result, kept by the engine while the episode's first frame is cached.
+
+    ``past_keys`` / ``past_values``: [layers, 1, kv_heads, P, head_dim] float32 in the runtime's native
+    array type (numpy for onnxruntime; torch on the device for torch and tensorrt), so they never leave
+    the device between steps. ``progress_logits`` [1, bins] / ``success_logits`` [1]: the first frame's
+    heads (host numpy), the same at every step.
+    """
+
+    past_keys: Any
+    past_values: Any
+    progress_logits: np.ndarray
+    success_logits: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the keys/values."""
+        return int(_nbytes(self.past_keys) + _nbytes(self.past_values))
+
+
+@dataclass
 class HeadOutputs:
     """Raw head outputs as float32 numpy: ``progress_logits`` [F, bins], ``success_logits`` [F],
     ``preference_logit`` [1] (preference prompts only)."""
@@ -157,6 +210,24 @@ class Runtime(ABC):
 
         Uses the preference variant when ``inputs.pref_position`` is set.
         """
+
+    #: whether run_prefix / run_suffix work (the bundle has the prefix parts and this runtime runs them)
+    supports_prefix: bool = False
+    #: prompts per run_suffix call that suit this device (None: as many as the bundle's profiles allow). On a
+    #: CPU a large batch's attention tensors outgrow the caches and lose to a few prompts per call.
+    preferred_suffix_batch: int | None = None
+
+    def run_prefix(self, inputs: PrefixInputs, first: FrameFeatures) -> PrefixState:
+        """``language_prefix`` on the shared prompt prefix whose only frame is ``first``."""
+        raise NotImplementedError(f"{type(self).__name__} does not run the prefix-reuse parts")
+
+    def run_suffix(
+        self, inputs: SuffixInputs, prefix: PrefixState, frames: Sequence[Sequence[FrameFeatures]]
+    ) -> HeadOutputs:
+        """``language_suffix`` for B prompts (``frames[b]``: prompt b's frames after the first, in order) that
+        share ``prefix`` and the token layout ``inputs``. Returns ``progress_logits`` [B, F-1, bins] and
+        ``success_logits`` [B, F-1]."""
+        raise NotImplementedError(f"{type(self).__name__} does not run the prefix-reuse parts")
 
     def close(self) -> None:  # noqa: B027 - optional hook, most runtimes free on garbage collection
         """Release sessions, engines and device memory."""

@@ -22,7 +22,10 @@ Precision:
 
 Optimization profiles come from the manifest: ``seq`` (prompt length min/opt/max),
 ``visual_tokens`` (frames x tokens per frame) and ``frames`` (min_frames / num_frames / max_frames,
-doubled for the preference part).
+doubled for the preference part). The prefix-reuse parts (schema 2 bundles) take ``prefix`` (prefix
+length, from the manifest's ``prefix`` ranges), ``suffix`` (suffix length for 2 / num_frames / max_frames
+frames), ``suffix_frames`` (1 / num_frames - 1 / max_frames - 1), ``suffix_visual_tokens`` and ``batch``
+(1 / 1 / max_batch: opt 1 because the robot's online step is batch 1; offline scoring uses larger ones).
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from robometer_ros.engine.bundle import (
+    ALL_PART_NAMES,
     PART_LANGUAGE_PREFERENCE,
+    PART_LANGUAGE_PREFIX,
+    PART_LANGUAGE_SUFFIX,
     PART_NAMES,
     Bundle,
     BundleError,
@@ -74,6 +80,17 @@ def axis_ranges(bundle: Bundle, part: str) -> dict[str, tuple[int, int, int]]:
     m = bundle.manifest
     seq = m.sequence
     tpf = m.frame.tokens_per_frame
+    if part in (PART_LANGUAGE_PREFIX, PART_LANGUAGE_SUFFIX):
+        pre = m.prefix
+        if pre is None:
+            raise BundleError(f"{bundle.root}: part {part} needs the manifest's prefix ranges (schema 2)")
+        ranges = {"prefix": (pre.min_length, pre.opt_length, pre.max_length)}
+        if part == PART_LANGUAGE_SUFFIX:
+            frames = (1, max(1, m.num_frames - 1), max(1, seq.max_frames - 1))
+            ranges.update(suffix=(pre.suffix_min_length, pre.suffix_opt_length, pre.suffix_max_length),
+                          suffix_frames=frames, suffix_visual_tokens=tuple(f * tpf for f in frames),
+                          batch=(1, 1, pre.max_batch))
+        return ranges  # type: ignore[return-value]
     if part == PART_LANGUAGE_PREFERENCE:
         frames = (2 * seq.min_frames, 2 * m.num_frames, 2 * seq.max_frames)
         length = (seq.preference_min_length, seq.preference_opt_length, seq.preference_max_length)
@@ -235,7 +252,7 @@ def build_part(
 def build_engines(
     bundle: Bundle,
     precision: str = "auto",
-    parts: Sequence[str] = PART_NAMES,
+    parts: Sequence[str] | None = None,
     force: bool = False,
     workspace_gib: float = 4.0,
     optimization_level: int | None = None,
@@ -244,7 +261,8 @@ def build_engines(
     compute_capabilities: Sequence[str] = (),
     log: Any = print,
 ) -> list[BuildResult]:
-    """Build (or keep, when current) the plans of ``parts`` for this machine; record them in the bundle."""
+    """Build (or keep, when current) the plans of ``parts`` (default: every part the bundle holds) for this
+    machine; record them in the bundle."""
     if precision not in BUILD_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(BUILD_PRECISIONS)}")
     trt, flavor = import_tensorrt(flavor)
@@ -263,9 +281,10 @@ def build_engines(
     if gpu is not None:
         timing_cache = bundle.root / "engines" / f"timing_cache.{flavor}-{slug(trt.__version__)}.{slug(gpu.name)}.bin"
     results = []
+    parts = list(bundle.manifest.parts) if parts is None else list(parts)
     for part in parts:
-        if part not in PART_NAMES:
-            raise ValueError(f"unknown part {part!r}; parts: {', '.join(PART_NAMES)}")
+        if part not in bundle.manifest.parts:
+            raise ValueError(f"unknown part {part!r}; this bundle's parts: {', '.join(bundle.manifest.parts)}")
         existing = bundle.find_engine(part, key)
         if existing is not None and not force:
             ok, why = bundle.engine_is_current(existing, verify_checksum=True)
@@ -297,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle directory (written by robometer-export)")
     p.add_argument("--precision", choices=BUILD_PRECISIONS, default="auto",
                    help="auto = fp16 where the builder can, else the bundle's precision (default)")
-    p.add_argument("--parts", nargs="+", choices=PART_NAMES, default=list(PART_NAMES))
+    p.add_argument("--parts", nargs="+", choices=ALL_PART_NAMES, default=None,
+                   help="parts to build (default: every part the bundle holds)")
     p.add_argument("--force", action="store_true", help="rebuild even when a current plan exists")
     p.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace limit (default 4 GiB)")
     p.add_argument("--optimization-level", type=int, choices=range(6), help="builder optimization level 0-5")

@@ -152,6 +152,78 @@ class PromptLayout:
         return int(self.visual_mask.sum())
 
 
+@dataclass
+class PrefixSplit:
+    """A progress layout cut right after the first frame's ``<|prog_token|>`` (prefix reuse across steps).
+
+    Within an episode every step's prompt starts with the same chat text, instruction and first frame (the
+    subsampling always keeps frame 0), so the tokens up to and including the first prog token are the
+    same at every step: that is the *prefix*; the *suffix* is the other frames, their prog tokens and the
+    end of the prompt. The arrays are slices of the full layout, so the suffix's M-RoPE ids continue the
+    prefix's exactly.
+
+    Attributes:
+        prefix_input_ids, prefix_position_ids, prefix_visual_index, prefix_visual_mask: the first P
+            positions ([1, P], [3, 1, P]); the visual index rows are the first frame's (0..T-1).
+        suffix_input_ids, suffix_position_ids, suffix_visual_mask: positions P.. of the layout.
+        suffix_visual_index: [1, S] row of the *suffix frames'* concatenated features (full index - T), 0
+            at text positions.
+        suffix_prog_positions: [F-1] the other frames' prog-token positions, relative to the suffix start.
+        prefix_visual_tokens: T, visual tokens of the first frame.
+    """
+
+    prefix_input_ids: np.ndarray
+    prefix_position_ids: np.ndarray
+    prefix_visual_index: np.ndarray
+    prefix_visual_mask: np.ndarray
+    suffix_input_ids: np.ndarray
+    suffix_position_ids: np.ndarray
+    suffix_visual_index: np.ndarray
+    suffix_visual_mask: np.ndarray
+    suffix_prog_positions: np.ndarray
+    prefix_visual_tokens: int
+
+    @property
+    def prefix_length(self) -> int:
+        return int(self.prefix_input_ids.shape[1])
+
+    @property
+    def suffix_length(self) -> int:
+        return int(self.suffix_input_ids.shape[1])
+
+
+def split_after_first_frame(layout: PromptLayout) -> PrefixSplit:
+    """Cut a progress layout after its first ``<|prog_token|>`` (see ``PrefixSplit``).
+
+    Raises ValueError for a layout where that cut is not a frame boundary (a preference prompt, or a
+    first prog token that does not directly follow the first image).
+    """
+    if layout.pref_position is not None:
+        raise ValueError("prefix reuse is for progress prompts; a preference prompt has no shared per-episode prefix")
+    if len(layout.prog_positions) == 0 or not layout.visual_spans:
+        raise ValueError("a progress layout needs at least one frame and one <|prog_token|>")
+    cut = int(layout.prog_positions[0]) + 1
+    first_start, first_end = layout.visual_spans[0]
+    if not first_end <= cut - 1 or (len(layout.visual_spans) > 1 and layout.visual_spans[1][0] < cut):
+        raise ValueError(f"the first <|prog_token|> (position {cut - 1}) does not close the first frame's span "
+                         f"{layout.visual_spans[0]}")
+    tokens = first_end - first_start
+    mask = layout.visual_mask[:, cut:]
+    index = np.where(mask, layout.visual_index[:, cut:] - tokens, 0).astype(np.int64)
+    return PrefixSplit(
+        prefix_input_ids=np.ascontiguousarray(layout.input_ids[:, :cut]),
+        prefix_position_ids=np.ascontiguousarray(layout.position_ids[:, :, :cut]),
+        prefix_visual_index=np.ascontiguousarray(layout.visual_index[:, :cut]),
+        prefix_visual_mask=np.ascontiguousarray(layout.visual_mask[:, :cut]),
+        suffix_input_ids=np.ascontiguousarray(layout.input_ids[:, cut:]),
+        suffix_position_ids=np.ascontiguousarray(layout.position_ids[:, :, cut:]),
+        suffix_visual_index=np.ascontiguousarray(index),
+        suffix_visual_mask=np.ascontiguousarray(mask),
+        suffix_prog_positions=(layout.prog_positions[1:] - cut).astype(np.int64),
+        prefix_visual_tokens=int(tokens),
+    )
+
+
 def mrope_position_ids(
     mm_token_type_ids: np.ndarray, image_grid_thw: np.ndarray, spatial_merge_size: int = 2
 ) -> tuple[np.ndarray, int]:

@@ -13,6 +13,10 @@ Two ways to run it (docs/ARCHITECTURE.md "Model split"):
   exports. No data-dependent ops: visual positions are gathered by index and merged with ``torch.where``,
   and the deepstack features are added the same way after the first k decoder layers. The result equals
   the reference path (tested to 1e-5 on tiny models).
+* ``forward_prefix`` (once per instruction and first frame) + ``forward_suffix`` (per step, batchable) —
+  ``forward_language`` cut after the first frame's ``<|prog_token|>``: the prefix returns every layer's
+  keys/values and the first frame's heads, the suffix runs the other frames on top of them. Causal
+  attention makes this exact (tested to 1e-5 against ``forward_language``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,32 @@ def build_backbone_config(config: RobometerConfig, attn_implementation: str = "s
     qwen_config.text_config._attn_implementation = attn_implementation
     qwen_config.vision_config._attn_implementation = attn_implementation
     return qwen_config
+
+
+class _PrefixCache:
+    """Stands in for a transformers ``Cache`` during one language forward (export-friendly: plain tensors).
+
+    The decoder's attention calls ``update(key, value, layer_idx)`` with the new positions' keys (after
+    k_norm and M-RoPE) and values; this records them (the prefix's KV to hand back) and returns them
+    behind the given past keys/values of that layer, if any (the suffix attends to the prefix).
+    """
+
+    def __init__(self, past_keys: torch.Tensor | None = None, past_values: torch.Tensor | None = None) -> None:
+        self.past_keys, self.past_values = past_keys, past_values
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys.append(key_states)
+        self.values.append(value_states)
+        if self.past_keys is None or self.past_values is None:
+            return key_states, value_states
+        # the prefix has batch 1; every prompt of the batch attends to it
+        batch = key_states.shape[0]
+        past_k = self.past_keys[layer_idx].to(key_states.dtype).expand(batch, -1, -1, -1)
+        past_v = self.past_values[layer_idx].to(value_states.dtype).expand(batch, -1, -1, -1)
+        return torch.cat([past_k, key_states], dim=2), torch.cat([past_v, value_states], dim=2)
 
 
 class RobometerModel(nn.Module):
@@ -158,6 +188,48 @@ class RobometerModel(nn.Module):
         return attn.proj(out.transpose(1, 2).reshape(n, -1))
 
     # ------------------------------------------------------------------ language part
+    def _merge_visual(
+        self, input_ids: torch.Tensor, visual_embeds: torch.Tensor, visual_index: torch.Tensor,
+        visual_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Token embeddings with the visual rows gathered in at the visual positions: [1 or B, L, H].
+
+        ``visual_embeds`` is [V, H] (one prompt) or [B, V, H] (a batch of prompts with one layout).
+        """
+        text_embeds = self.model.language_model.embed_tokens(input_ids)
+        gathered = visual_embeds.index_select(-2, visual_index[0]).to(text_embeds.dtype)
+        if gathered.dim() == 2:
+            gathered = gathered.unsqueeze(0)
+        return torch.where(visual_mask.unsqueeze(-1), gathered, text_embeds)
+
+    def _decode(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+        deepstack_embeds: torch.Tensor, visual_index: torch.Tensor, visual_mask: torch.Tensor,
+        cache: _PrefixCache | None = None,
+    ) -> torch.Tensor:
+        """The decoder layers (deepstack features added at the visual positions after the first k) + final norm.
+
+        ``deepstack_embeds`` is [k, V, H] for one prompt or [B, k, V, H] for a batch (``hidden`` [B, L, H]).
+        """
+        language = self.model.language_model
+        batched = deepstack_embeds.dim() == 4
+        index = visual_index[0]
+        mask = visual_mask.unsqueeze(-1)
+        position_embeddings = language.rotary_emb(hidden, position_ids)
+        num_deepstack = deepstack_embeds.shape[1 if batched else 0]
+        for layer_idx, layer in enumerate(language.layers):
+            hidden = layer(
+                hidden, attention_mask=attention_mask, position_embeddings=position_embeddings, position_ids=None,
+                cache=cache,
+            )
+            if layer_idx < num_deepstack:
+                rows = deepstack_embeds[:, layer_idx] if batched else deepstack_embeds[layer_idx]
+                extra = rows.index_select(-2, index).to(hidden.dtype)
+                if not batched:
+                    extra = extra.unsqueeze(0)
+                hidden = hidden + torch.where(mask, extra, torch.zeros_like(extra))
+        return language.norm(hidden)
+
     def forward_language(
         self,
         input_ids: torch.Tensor,
@@ -186,26 +258,12 @@ class RobometerModel(nn.Module):
             ``pref_position`` is given.
         """
         language = self.model.language_model
-        index = visual_index[0]
-        mask = visual_mask.unsqueeze(-1)
-        text_embeds = language.embed_tokens(input_ids)
-        gathered = visual_embeds.index_select(0, index).unsqueeze(0).to(text_embeds.dtype)
-        hidden = torch.where(mask, gathered, text_embeds)
-
-        position_embeddings = language.rotary_emb(hidden, position_ids)
+        hidden = self._merge_visual(input_ids, visual_embeds, visual_index, visual_mask)
         # Same mask construction as Qwen3VLTextModel.forward (position_ids [3, B, L] => no text positions).
         causal_mask = create_causal_mask(
             config=language.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=None
         )
-        num_deepstack = deepstack_embeds.shape[0]
-        for layer_idx, layer in enumerate(language.layers):
-            hidden = layer(
-                hidden, attention_mask=causal_mask, position_embeddings=position_embeddings, position_ids=None
-            )
-            if layer_idx < num_deepstack:
-                extra = deepstack_embeds[layer_idx].index_select(0, index).unsqueeze(0).to(hidden.dtype)
-                hidden = hidden + torch.where(mask, extra, torch.zeros_like(extra))
-        hidden = language.norm(hidden)
+        hidden = self._decode(hidden, position_ids, causal_mask, deepstack_embeds, visual_index, visual_mask)
 
         frame_hidden = hidden[0].index_select(0, prog_positions)
         progress_logits, success_logits = self.apply_heads(frame_hidden)
@@ -213,6 +271,87 @@ class RobometerModel(nn.Module):
         if pref_position is not None:
             out["preference_logit"] = self.apply_preference_head(hidden[0].index_select(0, pref_position))
         return out
+
+    # ------------------------------------------------------------------ prefix reuse
+    def forward_prefix(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        visual_embeds: torch.Tensor,
+        deepstack_embeds: torch.Tensor,
+        visual_index: torch.Tensor,
+        visual_mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The prompt prefix that every step of an episode shares: chat text + instruction + the first frame
+        + its ``<|prog_token|>`` (the last prefix token). Same computation as the first P positions of
+        ``forward_language`` (causal attention: nothing later can change them).
+
+        Args:
+            input_ids, position_ids, visual_index, visual_mask: the first P positions of the full layout
+                (``robometer_ros.model.prompt.split_after_first_frame``); [1, P] / [3, 1, P].
+            visual_embeds: [T, H] the first frame's visual tokens; deepstack_embeds: [k, T, H].
+
+        Returns:
+            ``progress_logits`` [1, bins] and ``success_logits`` [1] of the first frame (its prog token is the
+            last prefix position), ``past_keys`` / ``past_values`` [layers, 1, kv_heads, P, head_dim]: every
+            layer's keys (after k_norm and M-RoPE) and values, for ``forward_suffix``.
+        """
+        language = self.model.language_model
+        hidden = self._merge_visual(input_ids, visual_embeds, visual_index, visual_mask)
+        causal_mask = create_causal_mask(
+            config=language.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=None
+        )
+        cache = _PrefixCache()
+        hidden = self._decode(hidden, position_ids, causal_mask, deepstack_embeds, visual_index, visual_mask, cache)
+        progress_logits, success_logits = self.apply_heads(hidden[:, -1])  # [1, H]: batch 1, the last position
+        return {
+            "progress_logits": progress_logits,
+            "success_logits": success_logits,
+            "past_keys": torch.stack(cache.keys, dim=0),
+            "past_values": torch.stack(cache.values, dim=0),
+        }
+
+    def forward_suffix(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        visual_embeds: torch.Tensor,
+        deepstack_embeds: torch.Tensor,
+        visual_index: torch.Tensor,
+        visual_mask: torch.Tensor,
+        prog_positions: torch.Tensor,
+        past_keys: torch.Tensor,
+        past_values: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The rest of the prompt on top of a prefix's keys/values, for B prompts that share the prefix and
+        the token layout (they differ only in their frames' features).
+
+        Args:
+            input_ids: [1, S] the tokens after the prefix; position_ids: [3, 1, S] their M-RoPE ids (they
+                continue the prefix's: the slice of the full layout's ids).
+            visual_embeds: [B, V, H] each prompt's suffix frames' visual tokens; deepstack_embeds: [B, k, V, H].
+            visual_index: [1, S] row of the suffix features at each visual position; visual_mask: [1, S].
+            prog_positions: [F-1] positions (within the suffix) of the other frames' ``<|prog_token|>``.
+            past_keys, past_values: ``forward_prefix``'s [layers, 1, kv_heads, P, head_dim].
+
+        Returns:
+            ``progress_logits`` [B, F-1, bins] and ``success_logits`` [B, F-1]. Suffix position i attends
+            to the P prefix positions and to suffix positions <= i: the causal mask of the full prompt.
+        """
+        hidden = self._merge_visual(input_ids, visual_embeds, visual_index, visual_mask)
+        past_length, length = past_keys.shape[3], input_ids.shape[1]
+        key_positions = torch.arange(past_length + length, device=hidden.device)
+        query_positions = torch.arange(length, device=hidden.device) + past_length
+        allowed = (key_positions[None, :] <= query_positions[:, None])[None, None]  # [1, 1, S, P + S]
+        # additive, not boolean: the ONNX export of SDPA with a boolean mask adds a NaN guard over the whole
+        # [B, heads, S, P + S] attention (no row here is fully masked: every query sees the prefix)
+        zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        attention_mask = torch.where(allowed, zero, torch.finfo(hidden.dtype).min)
+        cache = _PrefixCache(past_keys, past_values)
+        hidden = self._decode(hidden, position_ids, attention_mask, deepstack_embeds, visual_index, visual_mask,
+                              cache)
+        progress_logits, success_logits = self.apply_heads(hidden.index_select(1, prog_positions))
+        return {"progress_logits": progress_logits, "success_logits": success_logits}
 
     # ------------------------------------------------------------------ reference path
     def forward(

@@ -667,30 +667,45 @@ def read_bag(bag: str | os.PathLike[str], options: BagImportOptions | None = Non
     report.bags_read += 1
 
 
+class UniqueEpisodeIds:
+    """Makes episode ids unique across bags, in reading order: a repeated id gets the bag name appended
+    (``id@bag``), then ``#2``, ``#3`` ... (one rule for read_bags and for merging sharded scoring)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def assign(self, episode_id: str, bag_name: str) -> str:
+        """The id this episode gets (``episode_id`` unless an earlier episode has it)."""
+        if episode_id in self._seen:
+            base = candidate = f"{episode_id}@{bag_name}"
+            suffix = 2
+            while candidate in self._seen:
+                candidate, suffix = f"{base}#{suffix}", suffix + 1
+            episode_id = candidate
+        self._seen.add(episode_id)
+        return episode_id
+
+
 def read_bags(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
               options: BagImportOptions | None = None, report: ImportReport | None = None,
-              strict: bool = False) -> Iterator[Trajectory]:
+              strict: bool = False, unique_ids: bool = True) -> Iterator[Trajectory]:
     """Trajectories of every bag under `paths` (bag dirs, bag files, or folders of them).
 
-    Episode ids are made unique across bags (a repeated id gets the bag name appended). A bag that
-    cannot be read is recorded in `report.bags_failed` and skipped, or raises with `strict=True`.
+    Episode ids are made unique across bags (`UniqueEpisodeIds`) unless `unique_ids` is False (the
+    caller then does it, e.g. after gathering sharded results). A bag that cannot be read is recorded in
+    `report.bags_failed` and skipped, or raises with `strict=True`.
     """
     options = options or BagImportOptions()
     report = report if report is not None else ImportReport()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     bags = [bag for path in paths for bag in find_bags(path)]
-    seen: set[str] = set()
+    ids = UniqueEpisodeIds()
     for bag in bags:
         try:
             for trajectory in read_bag(bag, options, report):
-                if trajectory.episode_id in seen:
-                    base = candidate = f"{trajectory.episode_id}@{bag.name}"
-                    suffix = 2
-                    while candidate in seen:
-                        candidate, suffix = f"{base}#{suffix}", suffix + 1
-                    trajectory.episode_id = candidate
-                seen.add(trajectory.episode_id)
+                if unique_ids:
+                    trajectory.episode_id = ids.assign(trajectory.episode_id, bag.name)
                 yield trajectory
         except BagImportError as error:
             if strict:

@@ -10,6 +10,12 @@ Three ONNX parts (docs/ARCHITECTURE.md "Model split"), all opset 18, TorchScript
   ``frames``. Visual positions are gathered by index and merged with ``where``: no NonZero, no
   boolean index_put, no data-dependent Python.
 * ``onnx/language_preference.onnx``: the same plus ``pref_position`` -> ``preference_logit``.
+* ``onnx/language_prefix.onnx`` + ``onnx/language_suffix.onnx`` (prefix reuse, when the bundle serves
+  2+ frames): ``language`` cut after the first frame's ``<|prog_token|>``. The prefix part (chat text,
+  instruction, first frame) returns every layer's keys/values and the first frame's heads; the suffix
+  part runs the other frames on top of those keys/values, for a batch of prompts that share them
+  (dynamic axes ``prefix``, ``suffix``, ``suffix_visual_tokens``, ``suffix_frames``, ``batch``). The
+  causal mask over past + suffix is built from the two lengths (Range + compare), nothing data-dependent.
 
 Parity is checked inside the export: ONNX Runtime (CPU) against PyTorch on random inputs (random
 pixels; a random-token prompt with a frame count and length different from the tracing example, to
@@ -39,11 +45,15 @@ import numpy as np
 from robometer_ros.engine.bundle import (
     PART_LANGUAGE,
     PART_LANGUAGE_PREFERENCE,
+    PART_LANGUAGE_PREFIX,
+    PART_LANGUAGE_SUFFIX,
     PART_VISION,
+    SCHEMA_VERSION,
     Bundle,
     FrameSpec,
     Manifest,
     PartSpec,
+    PrefixLimits,
     SequenceLimits,
     TensorSpec,
     onnx_external_files,
@@ -56,6 +66,8 @@ OPSET = 18
 #: protobuf's hard limit is 2 GiB; leave headroom for the graph itself
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 DEFAULT_MAX_INSTRUCTION_TOKENS = 128
+#: prompts per language_suffix call the TensorRT profiles cover (offline scoring batches an episode's steps)
+DEFAULT_MAX_BATCH = 16
 # 240-pixel short side of the released model's training videos, rounded up to 32, for a 4:3 camera.
 DEFAULT_FRAME_SIZE = (256, 320)
 #: (atol, rtol) of the exporter's parity check
@@ -72,7 +84,7 @@ class ExportError(RuntimeError):
 # Part wrappers (torch imported lazily so that importing this module stays cheap)
 
 
-def _wrappers() -> tuple[type, type, type]:
+def _wrappers() -> tuple[type, ...]:
     import torch
     from torch import nn
 
@@ -117,7 +129,32 @@ def _wrappers() -> tuple[type, type, type]:
             )
             return out["progress_logits"].float(), out["success_logits"].float(), out["preference_logit"].float()
 
-    return VisionPart, LanguagePart, LanguagePreferencePart
+    class LanguagePrefixPart(nn.Module):
+        """The shared prompt prefix -> first frame's heads + every layer's keys/values (float32 I/O)."""
+
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, position_ids, visual_embeds, deepstack_embeds, visual_index, visual_mask):
+            out = self.model.forward_prefix(input_ids, position_ids, visual_embeds, deepstack_embeds, visual_index,
+                                            visual_mask)
+            return tuple(out[name].float() for name in PREFIX_OUTPUTS)
+
+    class LanguageSuffixPart(nn.Module):
+        """The rest of the prompt on a prefix's keys/values, batched over prompts of one layout."""
+
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, position_ids, visual_embeds, deepstack_embeds, visual_index, visual_mask,
+                    prog_positions, past_keys, past_values):
+            out = self.model.forward_suffix(input_ids, position_ids, visual_embeds, deepstack_embeds, visual_index,
+                                            visual_mask, prog_positions, past_keys, past_values)
+            return out["progress_logits"].float(), out["success_logits"].float()
+
+    return VisionPart, LanguagePart, LanguagePreferencePart, LanguagePrefixPart, LanguageSuffixPart
 
 
 VISION_INPUTS = ("pixel_values",)
@@ -137,6 +174,84 @@ LANGUAGE_DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "progress_logits": {0: "frames"},
     "success_logits": {0: "frames"},
 }
+
+
+PREFIX_INPUTS = ("input_ids", "position_ids", "visual_embeds", "deepstack_embeds", "visual_index", "visual_mask")
+PREFIX_OUTPUTS = ("progress_logits", "success_logits", "past_keys", "past_values")
+PREFIX_DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    "input_ids": {1: "prefix"},
+    "position_ids": {2: "prefix"},
+    "visual_index": {1: "prefix"},
+    "visual_mask": {1: "prefix"},
+    "past_keys": {3: "prefix"},
+    "past_values": {3: "prefix"},
+}
+SUFFIX_INPUTS = (*LANGUAGE_INPUTS, "past_keys", "past_values")
+SUFFIX_DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    "input_ids": {1: "suffix"},
+    "position_ids": {2: "suffix"},
+    "visual_embeds": {0: "batch", 1: "suffix_visual_tokens"},
+    "deepstack_embeds": {0: "batch", 2: "suffix_visual_tokens"},
+    "visual_index": {1: "suffix"},
+    "visual_mask": {1: "suffix"},
+    "prog_positions": {0: "suffix_frames"},
+    "past_keys": {3: "prefix"},
+    "past_values": {3: "prefix"},
+    "progress_logits": {0: "batch", 1: "suffix_frames"},
+    "success_logits": {0: "batch", 1: "suffix_frames"},
+}
+
+
+def kv_shape(model_config: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the language model: the fixed axes of past_keys/past_values."""
+    text = model_config.backbone["text_config"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    return int(text["num_hidden_layers"]), int(text.get("num_key_value_heads") or text["num_attention_heads"]), \
+        int(head_dim)
+
+
+def prefix_specs(hidden: int, num_deepstack: int, bins: int, tokens_per_frame: int,
+                 kv: tuple[int, int, int]) -> tuple[list[TensorSpec], ...]:
+    """Manifest I/O of language_prefix (one frame: fixed visual shapes; ``prefix`` tokens)."""
+    layers, kv_heads, head_dim = kv
+    past = (layers, 1, kv_heads, "prefix", head_dim)
+    inputs = [
+        TensorSpec("input_ids", (1, "prefix"), "int64"),
+        TensorSpec("position_ids", (3, 1, "prefix"), "int64"),
+        TensorSpec("visual_embeds", (tokens_per_frame, hidden), "float32"),
+        TensorSpec("deepstack_embeds", (num_deepstack, tokens_per_frame, hidden), "float32"),
+        TensorSpec("visual_index", (1, "prefix"), "int64"),
+        TensorSpec("visual_mask", (1, "prefix"), "bool"),
+    ]
+    outputs = [
+        TensorSpec("progress_logits", (1, bins), "float32"),
+        TensorSpec("success_logits", (1,), "float32"),
+        TensorSpec("past_keys", past, "float32"),
+        TensorSpec("past_values", past, "float32"),
+    ]
+    return inputs, outputs
+
+
+def suffix_specs(hidden: int, num_deepstack: int, bins: int, kv: tuple[int, int, int]) -> tuple[list[TensorSpec], ...]:
+    """Manifest I/O of language_suffix (``batch`` prompts sharing one layout and one prefix)."""
+    layers, kv_heads, head_dim = kv
+    past = (layers, 1, kv_heads, "prefix", head_dim)
+    inputs = [
+        TensorSpec("input_ids", (1, "suffix"), "int64"),
+        TensorSpec("position_ids", (3, 1, "suffix"), "int64"),
+        TensorSpec("visual_embeds", ("batch", "suffix_visual_tokens", hidden), "float32"),
+        TensorSpec("deepstack_embeds", ("batch", num_deepstack, "suffix_visual_tokens", hidden), "float32"),
+        TensorSpec("visual_index", (1, "suffix"), "int64"),
+        TensorSpec("visual_mask", (1, "suffix"), "bool"),
+        TensorSpec("prog_positions", ("suffix_frames",), "int64"),
+        TensorSpec("past_keys", past, "float32"),
+        TensorSpec("past_values", past, "float32"),
+    ]
+    outputs = [
+        TensorSpec("progress_logits", ("batch", "suffix_frames", bins), "float32"),
+        TensorSpec("success_logits", ("batch", "suffix_frames"), "float32"),
+    ]
+    return inputs, outputs
 
 
 def language_specs(hidden: int, num_deepstack: int, bins: int, preference: bool) -> tuple[list[TensorSpec], ...]:
@@ -210,8 +325,13 @@ def _silenced() -> Iterator[None]:
 
 
 def _export_part(module: Any, args: tuple, path: Path, input_names: Sequence[str], output_names: Sequence[str],
-                 dynamic_axes: dict[str, dict[int, str]] | None, external_data: bool) -> None:
-    """TorchScript-export ``module`` to ``path``; weights go to ``path.name + '.data'`` when external."""
+                 dynamic_axes: dict[str, dict[int, str]] | None, external_data: bool,
+                 output_shapes: dict[str, tuple[int | str, ...]] | None = None) -> None:
+    """TorchScript-export ``module`` to ``path``; weights go to ``path.name + '.data'`` when external.
+
+    ``output_shapes`` (manifest shapes) re-declares the fixed axes of outputs that the exporter's shape
+    inference left symbolic (e.g. the batch-1 axis of past_keys, which it derives from traced sizes).
+    """
     import onnx
     import torch
 
@@ -225,6 +345,17 @@ def _export_part(module: Any, args: tuple, path: Path, input_names: Sequence[str
             )
         # Without loading the weights: a 4B export is 9-18 GB, which must not sit in memory twice.
         model = onnx.load(str(raw), load_external_data=False)
+        for output in model.graph.output:
+            declared = (output_shapes or {}).get(output.name)
+            dims = output.type.tensor_type.shape.dim
+            if declared is None:
+                continue
+            if len(dims) != len(declared):
+                raise ExportError(f"{path.name}: output {output.name} has rank {len(dims)}, expected {declared}")
+            for dim, size in zip(dims, declared):
+                if isinstance(size, int):
+                    dim.Clear()
+                    dim.dim_value = size
         weight_bytes = sum(_stored_size(init) for init in model.graph.initializer)
         use_external = external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,20 +433,20 @@ def _tensor_bytes(init: Any, base: Path, files: dict[str, Any]) -> bytes:
     return handle.read(int(entries["length"]))
 
 
-def share_language_weights(onnx_dir: Path) -> int:
-    """Point language_preference.onnx's weights at language.onnx.data where they are byte-identical.
+def share_language_weights(onnx_dir: Path, secondary: str = PART_LANGUAGE_PREFERENCE) -> int:
+    """Point ``<secondary>.onnx``'s weights at language.onnx.data where they are byte-identical.
 
-    The two language parts hold the same decoder weights (only the preference head differs), so without
-    this a 4B bundle would store the language model twice (+8 GB in fp16). Only the tensors that are not
-    in language.onnx.data stay in language_preference.onnx.data. Both parts must use external data.
-    Returns the bytes saved.
+    The language parts (preference, prefix, suffix) hold the same decoder weights as ``language``, so
+    without this a 4B bundle would store the language model up to four times (+8 GB each in fp16). Only
+    the tensors that are not in language.onnx.data stay in ``<secondary>.onnx.data``. Both parts must use
+    external data. Returns the bytes saved.
     """
     import hashlib
 
     import onnx
 
     primary = onnx.load(str(onnx_dir / "language.onnx"), load_external_data=False)
-    secondary_path = onnx_dir / "language_preference.onnx"
+    secondary_path = onnx_dir / f"{secondary}.onnx"
     secondary = onnx.load(str(secondary_path), load_external_data=False)
     files: dict[str, Any] = {}
     try:
@@ -456,8 +587,13 @@ def _layout_feed(layout: Any, visual: np.ndarray, deepstack: np.ndarray, prefere
 
 
 def parity_check(model: Any, onnx_dir: Path, builder: Any, frame: FrameSpec, num_frames: int, precision: str,
-                 seed: int = 0, log: Any = print) -> list[ParityReport]:
-    """ONNX Runtime (CPU) vs PyTorch on random inputs and on a real prompt; returns one report per case."""
+                 seed: int = 0, log: Any = print, prefix_parts: bool = False) -> list[ParityReport]:
+    """ONNX Runtime (CPU) vs PyTorch on random inputs and on a real prompt; returns one report per case.
+
+    With ``prefix_parts``, one more case: ORT language_prefix + language_suffix (a batch of 3 prompts that
+    share the first frame, another instruction and frame count than the traced ones) against the PyTorch
+    *plain* language part on each prompt, i.e. prefix reuse against the reference it must equal.
+    """
     import onnxruntime as ort
 
     atol, rtol = TOLERANCES[precision]
@@ -513,9 +649,53 @@ def parity_check(model: Any, onnx_dir: Path, builder: Any, frame: FrameSpec, num
         reports.append(_compare(f"{part}, real prompt, {case}", ref,
                                 run(part, _layout_feed(layout, *stack(feats_o), pref)), atol, rtol))
         sessions.pop(part)
+    if prefix_parts:
+        reports.append(_prefix_parity(model, builder, frame, max(2, num_frames // 2 + 1), torch_feats, ort_feats,
+                                      run, atol, rtol))
+        sessions.clear()
     for report in reports:
         log(f"parity {report}")
     return reports
+
+
+def _prefix_parity(model: Any, builder: Any, frame: FrameSpec, frames: int, torch_feats: list, ort_feats: list,
+                   run: Any, atol: float, rtol: float, batch: int = 3) -> ParityReport:
+    """ORT prefix + batched suffix vs torch forward_language per prompt (see parity_check)."""
+    from robometer_ros.model.prompt import split_after_first_frame
+
+    layout = builder.progress("open the drawer", [frame.grid_thw] * frames)
+    split = split_after_first_frame(layout)
+    n = len(torch_feats)
+    choices = [[0] + [(1 + b + j) % n for j in range(frames - 1)] for b in range(batch)]
+    reference: dict[str, list[np.ndarray]] = {"progress_logits": [], "success_logits": []}
+    for chosen in choices:
+        feats = [torch_feats[i] for i in chosen]
+        out = _torch_language(model, _layout_feed(layout, np.concatenate([f["visual_embeds"] for f in feats], 0),
+                                                  np.concatenate([f["deepstack_embeds"] for f in feats], 1),
+                                                  False), False)
+        for name in reference:
+            reference[name].append(out[name])
+    first = ort_feats[0]
+    prefix = run(PART_LANGUAGE_PREFIX, {
+        "input_ids": split.prefix_input_ids, "position_ids": split.prefix_position_ids,
+        "visual_embeds": first["visual_embeds"], "deepstack_embeds": first["deepstack_embeds"],
+        "visual_index": split.prefix_visual_index, "visual_mask": split.prefix_visual_mask,
+    })
+    suffix = run(PART_LANGUAGE_SUFFIX, {
+        "input_ids": split.suffix_input_ids, "position_ids": split.suffix_position_ids,
+        "visual_embeds": np.stack([np.concatenate([ort_feats[i]["visual_embeds"] for i in c[1:]], 0)
+                                   for c in choices]),
+        "deepstack_embeds": np.stack([np.concatenate([ort_feats[i]["deepstack_embeds"] for i in c[1:]], 1)
+                                      for c in choices]),
+        "visual_index": split.suffix_visual_index, "visual_mask": split.suffix_visual_mask,
+        "prog_positions": split.suffix_prog_positions,
+        "past_keys": prefix["past_keys"], "past_values": prefix["past_values"],
+    })
+    actual = {name: np.stack([np.concatenate([prefix[name], suffix[name][b]], 0) for b in range(batch)])
+              for name in reference}
+    return _compare(f"{PART_LANGUAGE_PREFIX} + {PART_LANGUAGE_SUFFIX} vs {PART_LANGUAGE}, real prompt, "
+                    f"{frames} frames, batch {batch}", {k: np.stack(v) for k, v in reference.items()}, actual,
+                    atol, rtol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,6 +729,65 @@ def _sequence_limits(builder: Any, frame: FrameSpec, num_frames: int, max_frames
     )
 
 
+def _prefix_limits(builder: Any, frame: FrameSpec, num_frames: int, max_frames: int, max_instruction_tokens: int,
+                   max_batch: int) -> PrefixLimits:
+    """Prefix / suffix length ranges of the prefix-reuse parts, measured with the real prompt builder.
+
+    The suffix ("Picture k: ..." per frame and the end of the turn) does not depend on the instruction, so
+    its lengths are exact; the prefix varies with the instruction like the full prompt does.
+    """
+    from robometer_ros.model.prompt import split_after_first_frame
+
+    grid = frame.grid_thw
+
+    def split(instruction: str, frames: int) -> Any:
+        return split_after_first_frame(builder.progress(instruction, [grid] * frames))
+
+    margin = 8  # BPE merges at the instruction's edges (as in _sequence_limits)
+    return PrefixLimits(
+        min_length=max(1, split("go", 1).prefix_length - margin),
+        opt_length=split(PARITY_INSTRUCTION, 1).prefix_length,
+        max_length=split("", 1).prefix_length + max_instruction_tokens + margin,
+        suffix_min_length=split(PARITY_INSTRUCTION, 2).suffix_length,
+        suffix_opt_length=split(PARITY_INSTRUCTION, max(2, num_frames)).suffix_length,
+        suffix_max_length=split(PARITY_INSTRUCTION, max_frames).suffix_length,
+        max_batch=max_batch,
+    )
+
+
+def _export_prefix_parts(model: Any, builder: Any, frame: FrameSpec, num_frames: int, onnx_dir: Path,
+                         prefix_cls: type, suffix_cls: type, external_data: bool,
+                         output_shapes: dict[str, tuple[int | str, ...]]) -> None:
+    """Trace language_prefix and language_suffix on the real prompt split (suffix batch 2, zero features)."""
+    import torch
+
+    from robometer_ros.model.prompt import split_after_first_frame
+
+    grid = frame.grid_thw
+    hidden, k, t = model.hidden_size, model.num_deepstack, frame.tokens_per_frame
+    split = split_after_first_frame(builder.progress(PARITY_INSTRUCTION, [grid] * max(2, num_frames)))
+    device = model.device
+
+    def tensor(array: np.ndarray) -> Any:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+    prefix_args = (tensor(split.prefix_input_ids), tensor(split.prefix_position_ids),
+                   torch.zeros(t, hidden, device=device), torch.zeros(k, t, hidden, device=device),
+                   tensor(split.prefix_visual_index), tensor(split.prefix_visual_mask))
+    prefix_module = prefix_cls(model).eval()
+    _export_part(prefix_module, prefix_args, onnx_dir / f"{PART_LANGUAGE_PREFIX}.onnx", PREFIX_INPUTS,
+                 PREFIX_OUTPUTS, PREFIX_DYNAMIC_AXES, external_data, output_shapes)
+    with torch.no_grad():
+        _, _, past_keys, past_values = prefix_module(*prefix_args)
+    v = int(split.suffix_visual_mask.sum())
+    suffix_args = (tensor(split.suffix_input_ids), tensor(split.suffix_position_ids),
+                   torch.zeros(2, v, hidden, device=device), torch.zeros(2, k, v, hidden, device=device),
+                   tensor(split.suffix_visual_index), tensor(split.suffix_visual_mask),
+                   tensor(split.suffix_prog_positions), past_keys, past_values)
+    _export_part(suffix_cls(model).eval(), suffix_args, onnx_dir / f"{PART_LANGUAGE_SUFFIX}.onnx", SUFFIX_INPUTS,
+                 LANGUAGE_OUTPUTS, SUFFIX_DYNAMIC_AXES, external_data)
+
+
 def _frame_spec(model: Any, height: int, width: int) -> FrameSpec:
     from robometer_ros import preprocess
 
@@ -577,6 +816,8 @@ def export_bundle(
     fp16: bool = False,
     include_checkpoint: bool = False,
     max_instruction_tokens: int = DEFAULT_MAX_INSTRUCTION_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    prefix_parts: bool = True,
     overwrite: bool = False,
     check_parity: bool = True,
     log: Any = print,
@@ -584,7 +825,9 @@ def export_bundle(
     """Export ``model`` (a RobometerModel) and ``tokenizer`` (a ``tokenizers.Tokenizer``) as a bundle.
 
     Writes into a temporary directory next to ``out_dir`` and renames it into place only after the
-    parity check passed, so a failed export never leaves a half bundle behind.
+    parity check passed, so a failed export never leaves a half bundle behind. ``prefix_parts`` adds
+    language_prefix / language_suffix (prefix reuse; needs ``max_frames`` >= 2); ``max_batch`` is the
+    largest suffix batch their TensorRT profiles serve.
     """
     import torch
 
@@ -609,7 +852,10 @@ def export_bundle(
     if fp16 and model.dtype != torch.float16:
         # a copy: the caller's model keeps its weights (the CLI loads fp16 directly, so no copy there)
         model = copy.deepcopy(model).half()
-    VisionPart, LanguagePart, LanguagePreferencePart = _wrappers()
+    if max_batch < 1:
+        raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
+    prefix_parts = prefix_parts and max_frames >= 2
+    VisionPart, LanguagePart, LanguagePreferencePart, LanguagePrefixPart, LanguageSuffixPart = _wrappers()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -640,12 +886,23 @@ def export_bundle(
         _export_part(LanguagePreferencePart(model).eval(), targs, onnx_dir / "language_preference.onnx", names,
                      (*LANGUAGE_OUTPUTS, "preference_logit"), LANGUAGE_DYNAMIC_AXES, external_data)
         log(f"exported language_preference part ({time.perf_counter() - t0:.1f} s)")
-        if (onnx_dir / "language.onnx.data").is_file() and (onnx_dir / "language_preference.onnx.data").is_file():
-            saved = share_language_weights(onnx_dir)
-            log(f"language_preference shares {saved / 1e6:.1f} MB of weights with language.onnx.data")
+        if prefix_parts:
+            t0 = time.perf_counter()
+            _, prefix_outputs = prefix_specs(hidden, k, cfg.num_bins, frame.tokens_per_frame, kv_shape(cfg))
+            _export_prefix_parts(model, builder, frame, num_frames, onnx_dir, LanguagePrefixPart, LanguageSuffixPart,
+                                 external_data, {t.name: t.shape for t in prefix_outputs})
+            log(f"exported language_prefix + language_suffix parts ({time.perf_counter() - t0:.1f} s)")
+        secondaries = [PART_LANGUAGE_PREFERENCE]
+        if prefix_parts:
+            secondaries += [PART_LANGUAGE_PREFIX, PART_LANGUAGE_SUFFIX]
+        for secondary in secondaries:
+            if (onnx_dir / "language.onnx.data").is_file() and (onnx_dir / f"{secondary}.onnx.data").is_file():
+                saved = share_language_weights(onnx_dir, secondary)
+                log(f"{secondary} shares {saved / 1e6:.1f} MB of weights with language.onnx.data")
 
         if check_parity:
-            reports = parity_check(model, onnx_dir, builder, frame, num_frames, precision, log=log)
+            reports = parity_check(model, onnx_dir, builder, frame, num_frames, precision, log=log,
+                                   prefix_parts=prefix_parts)
             failed = [r for r in reports if not r.ok]
             if failed:
                 raise ExportError("ONNX Runtime disagrees with PyTorch beyond tolerance: "
@@ -663,8 +920,12 @@ def export_bundle(
         vin, vout = vision_specs(frame, hidden, k)
         lin, lout = language_specs(hidden, k, cfg.num_bins, preference=False)
         pin, pout = language_specs(hidden, k, cfg.num_bins, preference=True)
-        for name, (inputs, outputs) in {PART_VISION: (vin, vout), PART_LANGUAGE: (lin, lout),
-                                        PART_LANGUAGE_PREFERENCE: (pin, pout)}.items():
+        specs = {PART_VISION: (vin, vout), PART_LANGUAGE: (lin, lout), PART_LANGUAGE_PREFERENCE: (pin, pout)}
+        if prefix_parts:
+            kv = kv_shape(cfg)
+            specs[PART_LANGUAGE_PREFIX] = prefix_specs(hidden, k, cfg.num_bins, frame.tokens_per_frame, kv)
+            specs[PART_LANGUAGE_SUFFIX] = suffix_specs(hidden, k, cfg.num_bins, kv)
+        for name, (inputs, outputs) in specs.items():
             rel = f"onnx/{name}.onnx"
             parts[name] = PartSpec(name, rel, tuple(inputs), tuple(outputs),
                                    tuple(onnx_external_files(staging / rel)))
@@ -684,7 +945,7 @@ def export_bundle(
             if tid is not None:
                 special[name] = int(tid)
         manifest = Manifest(
-            schema_version=1,
+            schema_version=SCHEMA_VERSION,
             model_id=model_id,
             model_version=model_version,
             base_model=cfg.base_model_id,
@@ -714,6 +975,8 @@ def export_bundle(
             precision=precision,
             files={},
             checkpoint_dir=checkpoint_dir,
+            prefix=(_prefix_limits(builder, frame, num_frames, max_frames, max_instruction_tokens, max_batch)
+                    if prefix_parts else None),
             created_by="robometer-export (robometer_ros)",
             extra={"opset": OPSET, "exporter": "torchscript", "torch": torch.__version__,
                    "robometer_config": cfg.to_dict()},
@@ -767,6 +1030,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, help="frames per scored prompt (default: the model's, 8)")
     p.add_argument("--max-frames", type=int, help="largest frame count the TensorRT profiles serve")
     p.add_argument("--max-instruction-tokens", type=int, default=DEFAULT_MAX_INSTRUCTION_TOKENS)
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help="largest batch of prompts per language_suffix call the TensorRT profiles serve "
+                        f"(offline scoring; default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--no-prefix-parts", action="store_true",
+                   help="leave out language_prefix / language_suffix (prefix reuse across steps)")
     p.add_argument("--model-id", help="model id in the manifest (default: checkpoint directory name)")
     p.add_argument("--model-version", default="0")
     p.add_argument("--fp16", action="store_true",
@@ -802,6 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_id=args.model_id or Path(args.checkpoint).resolve().name, model_version=args.model_version,
             chat_template=info.chat_template, external_data=args.external_data, fp16=args.fp16,
             include_checkpoint=args.include_checkpoint, max_instruction_tokens=args.max_instruction_tokens,
+            max_batch=args.max_batch, prefix_parts=not args.no_prefix_parts,
             overwrite=args.overwrite, check_parity=not args.skip_parity,
         )
     except (ExportError, CheckpointError, FileNotFoundError, ValueError, KeyError) as exc:

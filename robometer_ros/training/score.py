@@ -21,6 +21,10 @@ with ``end`` (which scores the last frame), and the node's EpisodeMonitor judgin
 
 Filter demonstrations with e.g. `final_progress > 0.8 and not predicted_failure`, or keep the top-k per task
 by rank_in_task (as the paper does to filter play data and rank demonstrations).
+
+Sharded over GPUs and machines with the same command under torchrun (robometer_ros.training.sharding):
+`torchrun --nproc_per_node 4 -m robometer_ros.training.score MODEL --bags /fleet/bags --out scores.parquet`
+scores a slice of the bags (or dataset episodes) per rank; rank 0 writes the one merged output.
 """
 
 from __future__ import annotations
@@ -206,8 +210,10 @@ def write_tables(episodes: Sequence[EpisodeScores], out: str | Path) -> tuple[Pa
     return out, frames_out
 
 
-def _bag_trajectories(args: argparse.Namespace) -> Iterable[Trajectory]:
-    from robometer_ros.training.bags import BagImportOptions, ImportReport, read_bags
+def _bag_episodes(args: argparse.Namespace, shard: Any) -> tuple[Any, list[str], Any]:
+    """This rank's bags as ShardedEpisodes (ids made unique at the merge), the bag names, the import report."""
+    from robometer_ros.training.bags import BagImportOptions, ImportReport, find_bags, read_bags
+    from robometer_ros.training.sharding import ShardedEpisodes
 
     options = BagImportOptions(
         image_topic=args.image_topic,
@@ -219,8 +225,9 @@ def _bag_trajectories(args: argparse.Namespace) -> Iterable[Trajectory]:
         data_source=args.data_source,
     )
     report = ImportReport()
-    yield from read_bags(args.bags, options, report)
-    print(report.format(), file=sys.stderr)
+    bags = [bag for path in args.bags for bag in find_bags(path)]
+    episodes = ShardedEpisodes(shard, bags, lambda bag: read_bags([bag], options, report, unique_ids=False))
+    return episodes, [bag.name for bag in bags], report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,16 +253,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from robometer_ros.engine.bundle import BundleError
+    from robometer_ros.training import sharding
+    from robometer_ros.training.bags import BagImportError
     from robometer_ros.training.data import DatasetError
     from robometer_ros.training.trainer import open_split
 
+    report = unit_names = None
     try:
         if Path(args.out).suffix not in (".parquet", ".csv"):
             raise ValueError(f"--out must end in .parquet or .csv, got {args.out!r}")
+        shard = sharding.shard_from_env()  # rank 0 of 1 unless under torchrun
+        sharding.pin_local_gpu(shard)
         if args.dataset:
-            trajectories: Iterable[Trajectory] = iter(open_split(args.dataset, args.split))
+            collection = open_split(args.dataset, args.split)
+            trajectories = sharding.ShardedEpisodes(shard, range(len(collection)), lambda i: [collection[i]])
         else:
-            trajectories = _bag_trajectories(args)
+            trajectories, unit_names, report = _bag_episodes(args, shard)
         predictor = open_predictor(args.model, args.backend, args.device, args.tokenizer_dir, args.frame_size,
                                    args.batch_size)
         from robometer_ros.node_parameters import session_config_from_files
@@ -263,10 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         config = session_config_from_files(args.params_file, predictor.num_frames)
         if args.frame_rate is not None:
             config = replace(config, frame_rate=args.frame_rate)
-    except (BundleError, DatasetError, FileNotFoundError, ValueError) as error:
+    except (BundleError, DatasetError, BagImportError, FileNotFoundError, ValueError) as error:
         print(f"robometer-score: {error}", file=sys.stderr)
         return 2
-    episodes = score_trajectories(predictor.engine, trajectories, config, progress_bar=True)
+    episodes = score_trajectories(predictor.engine, trajectories, config, progress_bar=shard.is_main)
+    if report is not None:
+        print(report.format(), file=sys.stderr)
+    episodes = sharding.merge_on_main(shard, episodes, trajectories.unit_of, unit_names)
+    if episodes is None:  # not rank 0: it sent its episodes there
+        sharding.log_rank(shard, f"scored {len(trajectories.unit_of)} episodes; rank 0 writes {args.out}")
+        return 0
     if not episodes:
         print("robometer-score: no episodes to score", file=sys.stderr)
         return 1

@@ -9,8 +9,10 @@ import pytest
 
 from fixtures_bundle import TINY_FRAME_SIZE, copy_bundle
 from robometer_ros.engine.bundle import (
+    ALL_PART_NAMES,
     PART_LANGUAGE,
-    PART_NAMES,
+    PART_LANGUAGE_PREFIX,
+    PART_LANGUAGE_SUFFIX,
     PART_VISION,
     SCHEMA_VERSION,
     Bundle,
@@ -43,7 +45,7 @@ def test_open_reads_manifest(tiny_bundle) -> None:
     assert m.frame.tokens_per_frame == 6
     assert m.num_frames == 8 and m.progress_bins == 10
     assert m.hidden_size == 64 and m.num_deepstack == 1
-    assert set(m.parts) == set(PART_NAMES)
+    assert set(m.parts) == set(ALL_PART_NAMES) and b.has_prefix_parts
     # token ids come from the tokenizer, never hard-coded
     tok = tiny_bundle.tokenizer
     assert m.special_tokens["prog_token"] == tok.token_to_id("<|prog_token|>")
@@ -54,6 +56,17 @@ def test_open_reads_manifest(tiny_bundle) -> None:
     language = b.part(PART_LANGUAGE)
     assert language.input("input_ids").dynamic_axes == {1: "seq"}
     assert language.input("visual_embeds").shape == ("visual_tokens", 64)
+    prefix, suffix = b.part(PART_LANGUAGE_PREFIX), b.part(PART_LANGUAGE_SUFFIX)
+    assert prefix.input("visual_embeds").shape == (6, 64)  # one frame
+    assert [t.shape for t in prefix.outputs] == [(1, 10), (1,), (2, 1, 2, "prefix", 16), (2, 1, 2, "prefix", 16)]
+    assert suffix.input("deepstack_embeds").shape == ("batch", 1, "suffix_visual_tokens", 64)
+    assert suffix.input("past_keys").shape == (2, 1, 2, "prefix", 16)
+    assert [t.shape for t in suffix.outputs] == [("batch", "suffix_frames", 10), ("batch", "suffix_frames")]
+    pre = m.prefix
+    assert pre is not None and pre.min_length <= pre.opt_length <= pre.max_length
+    assert pre.suffix_min_length < pre.suffix_opt_length <= pre.suffix_max_length and pre.max_batch == 16
+    # prefix + suffix of the longest prompt is the full prompt's longest length (the prefix limit has its margin)
+    assert pre.max_length + pre.suffix_max_length == m.sequence.max_length
     seq = m.sequence
     assert seq.min_length <= seq.opt_length <= seq.max_length
     assert seq.preference_min_length <= seq.preference_opt_length <= seq.preference_max_length
@@ -78,6 +91,34 @@ def test_invalid_json(bundle_copy: Path) -> None:
 def test_unknown_schema_version(bundle_copy: Path) -> None:
     _edit_manifest(bundle_copy, lambda d: d.update(schema_version=99))
     with pytest.raises(BundleError, match="unknown schema_version 99"):
+        Bundle.open(bundle_copy)
+
+
+def _as_schema_1(doc: dict) -> None:
+    """What robometer-export wrote before prefix reuse: the three plain parts, no prefix ranges."""
+    doc["schema_version"] = 1
+    for name in (PART_LANGUAGE_PREFIX, PART_LANGUAGE_SUFFIX):
+        del doc["parts"][name]
+    del doc["prefix"]
+
+
+def test_schema_1_bundles_still_open(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, _as_schema_1)
+    bundle = Bundle.open(bundle_copy)
+    assert bundle.manifest.schema_version == 1 and bundle.manifest.prefix is None
+    assert not bundle.has_prefix_parts and set(bundle.manifest.parts) == {"vision", "language", "language_preference"}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d.update(schema_version=1), r"parts \['language_prefix', 'language_suffix'\] need schema_version 2"),
+    (lambda d: d["parts"].pop(PART_LANGUAGE_SUFFIX), "comes with language_prefix and language_suffix"),
+    (lambda d: d.pop("prefix"), "the prefix field and the parts language_prefix, language_suffix come together"),
+    (lambda d: d["prefix"].update(max_batch=0), r"field prefix\.max_batch must be >= 1"),
+    (lambda d: d["parts"].update(extra=d["parts"]["language"]), r"unknown parts \['extra'\]"),
+])
+def test_prefix_parts_are_validated(bundle_copy: Path, damage, message: str) -> None:
+    _edit_manifest(bundle_copy, damage)
+    with pytest.raises(BundleError, match=message):
         Bundle.open(bundle_copy)
 
 
@@ -207,6 +248,7 @@ def test_describe_cli(tiny_bundle, bundle_copy: Path, capsys) -> None:
     assert main([str(tiny_bundle.path)]) == 0
     out = capsys.readouterr().out
     assert "frame 64x96, grid (1, 4, 6), 6 tokens/frame" in out and "engines: none" in out
+    assert "prefix reuse: prefix" in out and "language_suffix: onnx/language_suffix.onnx" in out
     (bundle_copy / "onnx" / "vision.onnx").unlink()
     assert main([str(bundle_copy), "--no-verify-checksums"]) == 1
     assert "invalid bundle" in capsys.readouterr().err

@@ -93,3 +93,18 @@ def test_failure_raises_a_flag_or_ends_unsuccessful(engine: RewardEngine) -> Non
     reasons = {e.reason for e in events if e.kind == EventKind.FAILURE_RAISED}
     assert FailureReason.LOW_SUCCESS_AT_END in reasons, f"success {success.round(2)}"
     assert not any(e.kind == EventKind.SUCCEEDED for e in events)
+
+
+def test_the_schema_1_bundle_scores_without_prefix_parts(engine: RewardEngine) -> None:
+    """bundles/default predates the prefix-reuse parts: it opens, runs the plain language part, and
+    score_batch (the offline replay's call) equals one score per step."""
+    assert engine.bundle.manifest.schema_version == 1 and not engine.bundle.has_prefix_parts
+    assert not engine.prefix_reuse
+    episode = demo.read_demo_bag(_bags("successful")[0])
+    engine.clear()
+    for index, frame in enumerate(episode.frames[:12]):
+        engine.add_frame(index, frame)
+    lists = [[int(i) for i in subsample_indices(t + 1, engine.num_frames)] for t in range(12)]
+    for ids, scores in zip(lists, engine.score_batch(episode.instruction, lists)):
+        np.testing.assert_array_equal(scores.progress_logits, engine.score(episode.instruction, ids).progress_logits)
+    engine.clear()

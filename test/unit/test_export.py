@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fixtures_bundle import TINY_FRAME_SIZE, TINY_INSTRUCTION, build_tiny_bundle, random_frames
-from robometer_ros.engine.bundle import PART_NAMES, Bundle, BundleError
+from robometer_ros.engine.bundle import ALL_PART_NAMES, Bundle, BundleError
 from robometer_ros.model.checkpoint import save_checkpoint
 from robometer_ros.model.prompt import PromptBuilder
 from robometer_ros.preprocess import FramePreprocessor
@@ -33,7 +33,8 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def test_graphs_have_no_data_dependent_ops(tiny_bundle) -> None:
-    for part in PART_NAMES:
+    assert set(tiny_bundle.bundle.manifest.parts) == set(ALL_PART_NAMES)
+    for part in ALL_PART_NAMES:
         model = onnx.load(str(tiny_bundle.bundle.part_path(part)), load_external_data=False)
         ops = {node.op_type for node in model.graph.node}
         assert "NonZero" not in ops, part  # TensorRT's parser rejects it; the layout is gathered by index
@@ -47,8 +48,9 @@ def test_graphs_have_no_data_dependent_ops(tiny_bundle) -> None:
 def test_parity_check_passes_on_the_exported_bundle(tiny_bundle) -> None:
     builder = PromptBuilder(tiny_bundle.tokenizer)
     reports = export.parity_check(tiny_bundle.model, tiny_bundle.path / "onnx", builder,
-                                  tiny_bundle.bundle.manifest.frame, 8, "fp32", log=lambda *_: None)
-    assert len(reports) == 5
+                                  tiny_bundle.bundle.manifest.frame, 8, "fp32", log=lambda *_: None,
+                                  prefix_parts=True)
+    assert len(reports) == 6 and reports[-1].case.startswith("language_prefix + language_suffix vs language")
     assert all(r.ok for r in reports), [str(r) for r in reports]
     assert max(max(r.diffs.values()) for r in reports) < ATOL
 
@@ -59,7 +61,7 @@ def test_parity_check_detects_a_different_model(tiny_bundle) -> None:
         model.progress_head[-1].bias.add_(0.5)  # only the progress logits change
     builder = PromptBuilder(tiny_bundle.tokenizer)
     reports = export.parity_check(model, tiny_bundle.path / "onnx", builder, tiny_bundle.bundle.manifest.frame, 8,
-                                  "fp32", log=lambda *_: None)
+                                  "fp32", log=lambda *_: None, prefix_parts=True)
     vision = [r for r in reports if r.case.startswith("vision")]
     language = [r for r in reports if not r.case.startswith("vision")]
     assert all(r.ok for r in vision)
@@ -85,9 +87,12 @@ def test_external_data_export(tmp_path: Path) -> None:
     assert m.parts["language_preference"].external_data == ("language.onnx.data", "language_preference.onnx.data")
     sizes = {rel: entry["size"] for rel, entry in m.files.items()}
     assert sizes["onnx/language_preference.onnx.data"] < sizes["onnx/language.onnx.data"] / 10
+    for part in ("language_prefix", "language_suffix"):  # the prefix parts share the decoder weights too
+        assert m.parts[part].external_data[0] == "language.onnx.data"
+        assert sizes.get(f"onnx/{part}.onnx.data", 0) < sizes["onnx/language.onnx.data"] / 10
     # and still computes the same thing (the exporter's parity check ran on the shared files; run it again)
     reports = export.parity_check(tiny.model, tmp_path / "b" / "onnx", PromptBuilder(tiny.tokenizer), m.frame, 8,
-                                  "fp32", log=lambda *_: None)
+                                  "fp32", log=lambda *_: None, prefix_parts=True)
     assert all(r.ok for r in reports)
     try:
         import tensorrt_rtx  # noqa: F401
@@ -217,3 +222,40 @@ def test_pack_external_data_streams_per_tensor_files(tiny_bundle, tmp_path: Path
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("num_frames, batch", [(2, 1), (4, 3), (8, 2)])
+def test_prefix_parts_equal_the_language_part_in_onnxruntime(tiny_bundle, num_frames: int, batch: int) -> None:
+    """ORT language_prefix once + language_suffix on a batch == ORT language on each prompt, <= 1e-5 (fp32),
+    over frame counts, batch sizes and a prefix length the parts were not traced at."""
+    from robometer_ros.model.prompt import split_after_first_frame
+
+    b, frame = tiny_bundle.bundle, tiny_bundle.bundle.manifest.frame
+    layout = PromptBuilder(tiny_bundle.tokenizer).progress("fold the towel in half", [frame.grid_thw] * num_frames)
+    split = split_after_first_frame(layout)
+    rng = np.random.default_rng(num_frames * 10 + batch)
+    first = (rng.standard_normal((6, 64)).astype(np.float32), rng.standard_normal((1, 6, 64)).astype(np.float32))
+    rest = [(rng.standard_normal(((num_frames - 1) * 6, 64)).astype(np.float32),
+             rng.standard_normal((1, (num_frames - 1) * 6, 64)).astype(np.float32)) for _ in range(batch)]
+    language = _session(b.part_path("language"))
+    plain = [language.run(None, {
+        "input_ids": layout.input_ids, "position_ids": layout.position_ids,
+        "visual_embeds": np.concatenate([first[0], v]), "deepstack_embeds": np.concatenate([first[1], d], 1),
+        "visual_index": layout.visual_index, "visual_mask": layout.visual_mask, "prog_positions": layout.prog_positions,
+    }) for v, d in rest]
+    progress, success, keys, values = _session(b.part_path("language_prefix")).run(None, {
+        "input_ids": split.prefix_input_ids, "position_ids": split.prefix_position_ids, "visual_embeds": first[0],
+        "deepstack_embeds": first[1], "visual_index": split.prefix_visual_index,
+        "visual_mask": split.prefix_visual_mask,
+    })
+    assert keys.shape == (2, 1, 2, split.prefix_length, 16)
+    suffix_progress, suffix_success = _session(b.part_path("language_suffix")).run(None, {
+        "input_ids": split.suffix_input_ids, "position_ids": split.suffix_position_ids,
+        "visual_embeds": np.stack([v for v, _ in rest]), "deepstack_embeds": np.stack([d for _, d in rest]),
+        "visual_index": split.suffix_visual_index, "visual_mask": split.suffix_visual_mask,
+        "prog_positions": split.suffix_prog_positions, "past_keys": keys, "past_values": values,
+    })
+    assert suffix_progress.shape == (batch, num_frames - 1, 10)
+    for row, (plain_progress, plain_success) in enumerate(plain):
+        np.testing.assert_allclose(np.concatenate([progress, suffix_progress[row]]), plain_progress, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(np.concatenate([success, suffix_success[row]]), plain_success, atol=ATOL, rtol=0)

@@ -117,6 +117,56 @@ def test_deepstack_features_change_the_result(tiny):
     assert not torch.allclose(with_ds["progress_logits"], without["progress_logits"], atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def mid():
+    model, tokenizer = tiny_model(seed=1, size="mid")
+    return model, tokenizer, PromptBuilder(tokenizer)
+
+
+def _encoded(model: RobometerModel, grid, count: int, seed: int):
+    return [model.encode_frame(p, grid) for p in _frames([grid] * count, seed=seed)]
+
+
+@pytest.mark.parametrize("size", ["tiny", "mid"])
+@pytest.mark.parametrize("num_frames", [1, 2, 5, 8])
+def test_prefix_and_suffix_equal_the_plain_language_part(request, size, num_frames):
+    """forward_prefix once + forward_suffix on a batch of 3 prompts sharing the first frame == forward_language
+    on each prompt, fp32, <= 1e-5 (the first frame's heads come from the prefix, the others from the suffix)."""
+    from robometer_ros.model.prompt import split_after_first_frame
+
+    model, _, builder = request.getfixturevalue(size)
+    grid = (1, 4, 6)
+    layout = builder.progress(INSTRUCTION, [grid] * num_frames)
+    split = split_after_first_frame(layout)
+    first = _encoded(model, grid, 1, seed=11)[0]
+    rows = [[first, *_encoded(model, grid, num_frames - 1, seed=20 + b)] for b in range(3)]
+    t = torch.from_numpy
+    with torch.no_grad():
+        prefix = model.forward_prefix(t(split.prefix_input_ids), t(split.prefix_position_ids), *first,
+                                      t(split.prefix_visual_index), t(split.prefix_visual_mask))
+        layers, kv_heads, head_dim = (model.config.backbone["text_config"][k] for k in
+                                      ("num_hidden_layers", "num_key_value_heads", "head_dim"))
+        assert prefix["past_keys"].shape == (layers, 1, kv_heads, split.prefix_length, head_dim)
+        plain = [model.forward_language(t(layout.input_ids), t(layout.position_ids), torch.cat([f[0] for f in row]),
+                                        torch.cat([f[1] for f in row], 1), t(layout.visual_index),
+                                        t(layout.visual_mask), t(layout.prog_positions)) for row in rows]
+        if num_frames > 1:
+            suffix_args = (t(split.suffix_input_ids), t(split.suffix_position_ids),
+                           torch.stack([torch.cat([f[0] for f in row[1:]]) for row in rows]),
+                           torch.stack([torch.cat([f[1] for f in row[1:]], 1) for row in rows]),
+                           t(split.suffix_visual_index), t(split.suffix_visual_mask), t(split.suffix_prog_positions))
+            suffix = model.forward_suffix(*suffix_args, prefix["past_keys"], prefix["past_values"])
+            assert suffix["progress_logits"].shape == (3, num_frames - 1, 10)
+            # the suffix really reads the prefix: other keys/values change its result
+            blind = model.forward_suffix(*suffix_args, prefix["past_keys"] * 0.5, prefix["past_values"])
+            assert not torch.allclose(blind["progress_logits"], suffix["progress_logits"], atol=1e-4)
+    for b, reference in enumerate(plain):
+        progress = [prefix["progress_logits"]] + ([suffix["progress_logits"][b]] if num_frames > 1 else [])
+        success = [prefix["success_logits"]] + ([suffix["success_logits"][b]] if num_frames > 1 else [])
+        torch.testing.assert_close(torch.cat(progress), reference["progress_logits"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.cat(success), reference["success_logits"], atol=1e-5, rtol=0)
+
+
 def test_progress_of_a_frame_is_unchanged_when_later_frames_are_appended(tiny):
     model, _, builder = tiny
     grids = [(1, 4, 6)] * 5

@@ -218,3 +218,37 @@ def test_missing_special_token_is_a_clear_error():
     base = tiny_tokenizer(add_robometer=False)
     with pytest.raises(KeyError, match="<\\|prog_token\\|>"):
         PromptBuilder(base)
+
+
+def test_prefix_split_is_the_same_at_every_frame_count(setup):
+    """The prefix (chat text, instruction, first frame, its prog token) does not depend on how many frames
+    follow, and the suffix is exactly the rest of the layout, its M-RoPE ids continuing the prefix's."""
+    builder = setup[4]
+    grid = (1, 4, 6)
+    layouts = {n: builder.progress(INSTRUCTION, [grid] * n) for n in (1, 2, 5, 8)}
+    splits = {n: P.split_after_first_frame(layout) for n, layout in layouts.items()}
+    first = splits[1]
+    assert first.prefix_input_ids[0, -1] == builder.prog_token_id and first.suffix_prog_positions.size == 0
+    assert first.prefix_visual_tokens == 6 and first.prefix_visual_mask.sum() == 6
+    for n, split in splits.items():
+        layout = layouts[n]
+        np.testing.assert_array_equal(split.prefix_input_ids, first.prefix_input_ids)
+        np.testing.assert_array_equal(split.prefix_position_ids, first.prefix_position_ids)
+        assert split.prefix_length + split.suffix_length == layout.seq_len
+        np.testing.assert_array_equal(np.concatenate([split.prefix_input_ids, split.suffix_input_ids], 1),
+                                      layout.input_ids)
+        np.testing.assert_array_equal(np.concatenate([split.prefix_position_ids, split.suffix_position_ids], 2),
+                                      layout.position_ids)
+        # suffix visual rows index the suffix frames' features: 0..(n-1)*6-1 in order
+        rows = split.suffix_visual_index[split.suffix_visual_mask]
+        np.testing.assert_array_equal(rows, np.arange((n - 1) * 6))
+        assert np.all(split.suffix_visual_index[~split.suffix_visual_mask] == 0)
+        np.testing.assert_array_equal(split.suffix_prog_positions + split.prefix_length, layout.prog_positions[1:])
+        assert split.suffix_position_ids.min() > split.prefix_position_ids.max()
+
+
+def test_prefix_split_refuses_a_preference_prompt(setup):
+    builder = setup[4]
+    layout = builder.preference(INSTRUCTION, [(1, 4, 6)] * 2, [(1, 4, 6)] * 2)
+    with pytest.raises(ValueError, match="preference prompt"):
+        P.split_after_first_frame(layout)

@@ -54,7 +54,10 @@ def reference_forward(tiny, frames: list[np.ndarray], instruction: str) -> dict[
 
 def test_backend_name_reports_the_provider_that_runs(ort_engine) -> None:
     assert ort_engine.backend_name == "onnxruntime:CPUExecutionProvider"
-    assert ort_engine.runtime.providers_in_use["language"][0] == "CPUExecutionProvider"
+    # the tiny bundle has the prefix-reuse parts: steps run language_suffix, the plain part is not opened
+    assert ort_engine.prefix_reuse
+    assert ort_engine.runtime.providers_in_use["language_suffix"][0] == "CPUExecutionProvider"
+    assert "language" not in ort_engine.runtime.providers_in_use
     assert ort_engine.model_id == "robometer-tiny-test"
     assert ort_engine.num_frames == 8 and ort_engine.frame_size == (64, 96)
 
@@ -279,3 +282,144 @@ def test_tensorrt_ep_profiles_cover_the_manifest_ranges(tiny_bundle) -> None:
     assert "visual_embeds:48x64" in options["trt_profile_opt_shapes"].split(",")
     assert "prog_positions:1" in options["trt_profile_min_shapes"].split(",")
     assert "pref_position" not in options["trt_profile_max_shapes"]
+
+
+# ---------------------------------------------------------------------------------------------- prefix reuse
+# prefix + suffix parts vs the plain language part, fp32 ORT on the tiny model: observed max |diff| ~3e-7
+PREFIX_ATOL = 1e-5
+ID_LISTS = [list(range(8)), [0, 0, 2, 5, 9, 9, 9, 9], [3], [0, 1], [5, 1, 1, 2]]
+
+
+@pytest.fixture(scope="module")
+def plain_engine(tiny_bundle, frames) -> RewardEngine:
+    engine = RewardEngine(tiny_bundle.bundle, backend="onnxruntime", intra_op_threads=1, prefix_reuse=False)
+    for i, image in enumerate(frames):
+        engine.add_frame(i, image)
+    return engine
+
+
+def _assert_same_scores(a: Scores, b: Scores, atol: float = PREFIX_ATOL) -> None:
+    assert a.frame_ids == b.frame_ids
+    np.testing.assert_allclose(a.progress_logits, b.progress_logits, atol=atol, rtol=0)
+    np.testing.assert_allclose(a.success_logits, b.success_logits, atol=atol, rtol=0)
+    np.testing.assert_allclose(a.progress, b.progress, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("ids", ID_LISTS)
+def test_prefix_reuse_equals_the_plain_language_part(ort_engine, plain_engine, ids) -> None:
+    assert ort_engine.prefix_reuse and not plain_engine.prefix_reuse
+    assert "language_suffix" not in plain_engine.runtime.providers_in_use
+    _assert_same_scores(ort_engine.score(TINY_INSTRUCTION, ids), plain_engine.score(TINY_INSTRUCTION, ids))
+
+
+def test_torch_prefix_reuse_equals_the_plain_language_part(tiny_bundle, plain_engine, frames) -> None:
+    engine = RewardEngine(tiny_bundle.bundle, runtime=TorchRuntime(tiny_bundle.model, (1, 4, 6), "cpu"))
+    assert engine.prefix_reuse
+    for i, image in enumerate(frames):
+        engine.add_frame(i, image)
+    for ids in ID_LISTS:
+        _assert_same_scores(engine.score(TINY_INSTRUCTION, ids), plain_engine.score(TINY_INSTRUCTION, ids),
+                            atol=LOGIT_ATOL)  # torch vs ONNX Runtime (plain): the usual cross-backend tolerance
+
+
+class _CountingRuntime:
+    """Wraps a runtime and counts the prefix-part calls."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.backend_name = inner, "counting"
+        self.supports_prefix = inner.supports_prefix
+        self.prefix_calls = 0
+        self.suffix_batches: list[int] = []
+
+    def encode_frame(self, pixel_values):
+        return self.inner.encode_frame(pixel_values)
+
+    def run_language(self, inputs, frames):
+        return self.inner.run_language(inputs, frames)
+
+    def run_prefix(self, inputs, first):
+        self.prefix_calls += 1
+        return self.inner.run_prefix(inputs, first)
+
+    def run_suffix(self, inputs, prefix, frames):
+        self.suffix_batches.append(len(frames))
+        return self.inner.run_suffix(inputs, prefix, frames)
+
+    def close(self) -> None:
+        pass
+
+
+def test_prefix_is_computed_once_per_instruction_and_first_frame(tiny_bundle, plain_engine, frames) -> None:
+    runtime = _CountingRuntime(create_runtime(tiny_bundle.bundle, "onnxruntime", intra_op_threads=1))
+    engine = RewardEngine(tiny_bundle.bundle, runtime=runtime, max_cached_prefixes=2)
+    for i, image in enumerate(frames):
+        engine.add_frame(i, image)
+    for ids in ([0, 1, 2], [0, 3, 4, 5], [0, 9]):
+        engine.score(TINY_INSTRUCTION, ids)
+    assert runtime.prefix_calls == 1 and engine.cached_prefixes() == [(TINY_INSTRUCTION, 0)]
+    # keys + values x 2 layers x 2 kv heads x prefix tokens x head dim 16 x float32
+    from robometer_ros.model.prompt import split_after_first_frame
+
+    prefix_tokens = split_after_first_frame(engine.prompts.progress(TINY_INSTRUCTION, [(1, 4, 6)])).prefix_length
+    assert engine.prefix_cache_nbytes == 2 * 2 * 2 * prefix_tokens * 16 * 4
+    engine.score("close the microwave door", [0, 1])  # another instruction: another prefix
+    assert runtime.prefix_calls == 2 and len(engine.cached_prefixes()) == 2
+    engine.forget([0])  # the first frame is gone: so are its prefixes
+    assert engine.cached_prefixes() == [] and engine.prefix_cache_nbytes == 0
+    engine.score(TINY_INSTRUCTION, [1, 2])
+    engine.score(TINY_INSTRUCTION, [2, 3])
+    engine.score(TINY_INSTRUCTION, [3, 4])  # at most 2 kept, least recently used out
+    assert engine.cached_prefixes() == [(TINY_INSTRUCTION, 2), (TINY_INSTRUCTION, 3)] and runtime.prefix_calls == 5
+    engine.add_frame(3, frames[0])  # a new image under a cached first-frame id: its prefix must not be reused
+    assert engine.cached_prefixes() == [(TINY_INSTRUCTION, 2)]
+    replaced = engine.score(TINY_INSTRUCTION, [3, 4])
+    assert runtime.prefix_calls == 6
+    # frame 3 now holds frame 0's image: the same scores as [0, 4]
+    np.testing.assert_allclose(replaced.progress_logits, plain_engine.score(TINY_INSTRUCTION, [0, 4]).progress_logits,
+                               atol=PREFIX_ATOL, rtol=0)
+    engine.clear()
+    assert engine.cached_prefixes() == [] and len(engine) == 0
+
+
+def test_prefix_of_an_evicted_first_frame_is_dropped(tiny_bundle, frames) -> None:
+    engine = RewardEngine(tiny_bundle.bundle, backend="onnxruntime", intra_op_threads=1, max_cached_frames=3)
+    for i in range(3):
+        engine.add_frame(i, frames[i])
+    engine.score(TINY_INSTRUCTION, [0, 1, 2])
+    assert engine.cached_prefixes() == [(TINY_INSTRUCTION, 0)]
+    engine.add_frame(3, frames[3])  # evicts frame 0
+    assert engine.cached_prefixes() == [] and 0 not in engine
+
+
+def test_score_batch_equals_one_at_a_time(ort_engine, plain_engine) -> None:
+    from robometer_ros.episode import subsample_indices
+
+    # an offline replay of an episode of 10 frames (first frame shared), plus lists with other first frames
+    lists = [subsample_indices(t + 1, 8) for t in range(10)] + [[4, 5, 6, 7, 8, 9, 9, 9], [1] * 8]
+    for engine in (ort_engine, plain_engine):
+        batched = engine.score_batch(TINY_INSTRUCTION, lists, batch_size=3)
+        assert len(batched) == len(lists)
+        for ids, scores in zip(lists, batched):
+            _assert_same_scores(scores, plain_engine.score(TINY_INSTRUCTION, ids))
+    assert ort_engine.score_batch(TINY_INSTRUCTION, []) == []
+    with pytest.raises(ValueError, match="frame lists of one length"):
+        ort_engine.score_batch(TINY_INSTRUCTION, [[0, 1], [0, 1, 2]])
+    with pytest.raises(UnknownFrameError, match=r"frame_id_lists\[1\]"):
+        ort_engine.score_batch(TINY_INSTRUCTION, [[0, 1], [0, "nope"]])
+
+
+def test_score_batch_stacks_prompts_that_share_a_prefix(tiny_bundle, frames) -> None:
+    runtime = _CountingRuntime(create_runtime(tiny_bundle.bundle, "onnxruntime", intra_op_threads=1))
+    engine = RewardEngine(tiny_bundle.bundle, runtime=runtime)
+    for i, image in enumerate(frames):
+        engine.add_frame(i, image)
+    lists = [[0, i, i + 1] for i in range(1, 8)] + [[2, 3, 4]]
+    engine.score_batch(TINY_INSTRUCTION, lists, batch_size=4)
+    assert runtime.prefix_calls == 2  # first frames 0 and 2
+    assert runtime.suffix_batches == [4, 3, 1]
+    # a runtime without a device preference: the bundle's max batch (16), one call per prefix
+    assert engine.default_batch_size == 16
+    engine.score_batch(TINY_INSTRUCTION, lists)
+    assert runtime.suffix_batches[3:] == [7, 1] and runtime.prefix_calls == 2  # prefixes were cached
+    # ONNX Runtime on the CPU prefers a few prompts per call
+    assert RewardEngine(tiny_bundle.bundle, runtime=runtime.inner).default_batch_size == 4

@@ -10,7 +10,15 @@ import pytest
 
 from fixtures_bundle import copy_bundle
 from robometer_ros.engine import tensorrt_build
-from robometer_ros.engine.bundle import PART_LANGUAGE, PART_LANGUAGE_PREFERENCE, PART_VISION, Bundle
+from robometer_ros.engine.bundle import (
+    ALL_PART_NAMES,
+    PART_LANGUAGE,
+    PART_LANGUAGE_PREFERENCE,
+    PART_LANGUAGE_PREFIX,
+    PART_LANGUAGE_SUFFIX,
+    PART_VISION,
+    Bundle,
+)
 from robometer_ros.engine.runtime import RuntimeUnavailableError, create_runtime
 from robometer_ros.engine.trt_common import CPU_AOT_GPU
 
@@ -30,15 +38,22 @@ def test_axis_ranges_follow_the_manifest(tiny_bundle) -> None:
     assert ranges["seq"] == (m.sequence.min_length, m.sequence.opt_length, m.sequence.max_length)
     pref = tensorrt_build.axis_ranges(tiny_bundle.bundle, PART_LANGUAGE_PREFERENCE)
     assert pref["frames"] == (2, 16, 16) and pref["visual_tokens"] == (12, 96, 96)
+    p = m.prefix
+    assert tensorrt_build.axis_ranges(tiny_bundle.bundle, PART_LANGUAGE_PREFIX) == {
+        "prefix": (p.min_length, p.opt_length, p.max_length)}
+    suffix = tensorrt_build.axis_ranges(tiny_bundle.bundle, PART_LANGUAGE_SUFFIX)
+    assert suffix["suffix"] == (p.suffix_min_length, p.suffix_opt_length, p.suffix_max_length)
+    assert suffix["suffix_frames"] == (1, 7, 7) and suffix["suffix_visual_tokens"] == (6, 42, 42)
+    assert suffix["batch"] == (1, 1, 16) and suffix["prefix"] == (p.min_length, p.opt_length, p.max_length)
 
 
 @pytest.mark.slow
 def test_builds_every_part_on_cpu_and_reuses_current_plans(bundle: Bundle) -> None:
     logs: list[str] = []
     results = tensorrt_build.build_engines(bundle, flavor="tensorrt_rtx", log=logs.append)
-    assert [r.status for r in results] == ["built", "built", "built"], [r.message for r in results]
+    assert [r.status for r in results] == ["built"] * 5, [r.message for r in results]
     records = {r.part: r for r in bundle.engines()}
-    assert set(records) == {PART_VISION, PART_LANGUAGE, PART_LANGUAGE_PREFERENCE}
+    assert set(records) == set(ALL_PART_NAMES)  # every part the bundle holds, the prefix-reuse parts included
     for part, record in records.items():
         assert record.key.runtime == "tensorrt_rtx" and record.key.runtime_version == trt.__version__
         assert record.key.gpu_name == CPU_AOT_GPU
@@ -52,6 +67,9 @@ def test_builds_every_part_on_cpu_and_reuses_current_plans(bundle: Bundle) -> No
                                     "max": [1, m.sequence.max_length]}
     assert profile["deepstack_embeds"]["max"] == [1, 48, 64]
     assert profile["prog_positions"] == {"min": [1], "opt": [8], "max": [8]}
+    suffix = records[PART_LANGUAGE_SUFFIX].profiles
+    assert suffix["visual_embeds"] == {"min": [1, 6, 64], "opt": [1, 42, 64], "max": [16, 42, 64]}
+    assert suffix["past_keys"]["max"] == [2, 1, 2, m.prefix.max_length, 16]
 
     # a second run keeps the current plans
     again = tensorrt_build.build_engines(bundle, flavor="tensorrt_rtx", parts=[PART_VISION], log=logs.append)
@@ -68,7 +86,7 @@ def test_builds_every_part_on_cpu_and_reuses_current_plans(bundle: Bundle) -> No
     rebuilt = tensorrt_build.build_engines(reopened, flavor="tensorrt_rtx", parts=[PART_VISION], log=logs.append)
     assert rebuilt[0].status == "built"
     assert any("ONNX checksum differs" in line for line in logs)
-    assert len(reopened.engines()) == 3  # replaced, not added
+    assert len(reopened.engines()) == 5  # replaced, not added
 
     # plans exist, but without a GPU the auto backend must not pick TensorRT
     assert create_runtime(reopened, "auto", intra_op_threads=1).backend_name.startswith("onnxruntime:")
