@@ -15,6 +15,7 @@ import pytest
 from robometer_ros import demo
 from robometer_ros.engine.bundle import Bundle
 from robometer_ros.engine.reward_engine import RewardEngine
+from robometer_ros.episode import subsample_indices
 from robometer_ros.monitor import EventKind, FailureReason
 from robometer_ros.node_parameters import default_parameters_file, load_parameters
 from robometer_ros.session import ScoringSession, SessionConfig, replay
