@@ -280,6 +280,9 @@ def _decode_png(raw: bytes, format: str, max_pixels: int) -> np.ndarray:
             "too_large", f"PNG header declares {width}x{height} = {width * height} pixels, more than PIL's "
             f"decompression-bomb limit ({err})"
         ) from err
+    except MemoryError as err:  # within max_pixels, but the process has not got the memory for it now
+        raise ImageConversionError(
+            "too_large", f"not enough memory to decode this {format} image ({len(raw)} bytes)") from err
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError, zlib.error ... on bad data
         raise _decode_failed(raw, format, err) from err
 

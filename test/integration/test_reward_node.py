@@ -151,9 +151,7 @@ def test_episodes_follow_instruction_reset_and_end(start_node, probe, tmp_path):
         last = camera.sent[-1].t_ns
         rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) == last)
 
-    idle, first = statuses.wait_for(2, timeout=20)[:2]
-    # Latched at activation, before any instruction: a late subscriber always gets a state.
-    assert idle.episode_id == "" and idle.state == EpisodeStatus.STATE_WAITING
+    first = statuses.wait_for(1, timeout=20, predicate=lambda s: s.episode_id != "")[0]
     assert first.instruction == TASK and first.state == EpisodeStatus.STATE_WAITING
     send(5)
     assert {r.episode_id for r in rewards.messages} == {first.episode_id}

@@ -18,7 +18,7 @@ from support.synthetic_squares import write_square_dataset
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "default"
 FLOAT_COLUMNS = {"final_progress", "final_success_probability", "max_progress", "mean_progress",
-                 "max_success_probability", "percentile_overall", "progress", "success_probability"}
+                 "max_success_probability", "percentile_overall", "progress", "success_probability", "reward"}
 
 
 def _score(out: Path, *source: str, ranks: int = 0) -> subprocess.CompletedProcess:
@@ -26,7 +26,7 @@ def _score(out: Path, *source: str, ranks: int = 0) -> subprocess.CompletedProce
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--standalone"]
                 if ranks else [sys.executable])
     command = [*launcher, "-m", "robometer_ros.training.score", str(BUNDLE), *source, "--backend", "onnxruntime",
-               "--stride", "5", "--out", str(out)]
+               "--frame-rate", "2", "--out", str(out)]  # the 10 Hz squares: every 5th frame
     # a timeout here means the gather deadlocked
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -41,7 +41,8 @@ def _trajectory(episode_id: str) -> Trajectory:
 
 def _scores(episode_id: str, final_progress: float, instruction: str = "open the drawer") -> EpisodeScores:
     return EpisodeScores(episode_id, instruction, "test", "successful", None, 1, final_progress, 0.5,
-                         np.zeros(1, np.int64), np.zeros(1), np.asarray([final_progress]), np.asarray([0.5]))
+                         np.zeros(1, np.int64), np.zeros(1), np.asarray([final_progress]), np.asarray([0.5]),
+                         np.asarray([final_progress]))
 
 
 def test_ranks_read_disjoint_units_and_the_merge_restores_the_single_process_order() -> None:
