@@ -221,3 +221,13 @@ def test_reliable_subscriber_with_a_best_effort_camera_says_so(start_node, probe
     mismatch = "the camera on /camera/image is best effort and camera_qos is reliable (a reliability mismatch)"
     warn = diagnostics.wait_for(1, timeout=20, predicate=lambda a: mismatch in a.status[0].message)[-1]
     assert warn.status[0].level == DiagnosticStatus.WARN
+
+
+def test_readme_parameter_table_lists_every_parameter_with_its_default() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip().strip("`")
+            for line in readme.splitlines() if line.startswith("| `")}
+    for spec in PARAMETERS:
+        assert spec.name in rows, f"README's parameter table lacks {spec.name}"
+        default = str(spec.default).lower() if isinstance(spec.default, bool) else str(spec.default)
+        assert rows[spec.name].strip('"') == default, f"{spec.name}: README says {rows[spec.name]}, node {default}"
