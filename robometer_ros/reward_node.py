@@ -34,7 +34,6 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import Clock, ClockType
-from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
@@ -44,6 +43,11 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
+
+try:
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # Humble's name for it
+    from rclpy.qos_event import SubscriptionEventCallbacks
 
 from robometer_ros import node_messages
 from robometer_ros.engine.threads import ThreadLimits, parse_cpu_list, run_with_limits
@@ -111,7 +115,9 @@ class RewardNode(LifecycleNode):
         for spec in PARAMETERS:
             self.declare_parameter(spec.name, spec.default, spec.descriptor())
         self.add_on_set_parameters_callback(self._validate_parameter_change)
-        self.add_post_set_parameters_callback(self._apply_parameter_change)
+        self._apply_on_check = not hasattr(self, "add_post_set_parameters_callback")  # Humble has none
+        if not self._apply_on_check:
+            self.add_post_set_parameters_callback(self._apply_parameter_change)
         self._state = "unconfigured"
         self._configure_error = ""
         self._engine: Any = None
@@ -145,8 +151,11 @@ class RewardNode(LifecycleNode):
     def _validate_parameter_change(self, params: list[Parameter]) -> SetParametersResult:
         """Refuse a change that is invalid, or that needs an unconfigured node, saying why."""
         try:
-            return self._check_parameter_change(params)
-        except Exception as err:
+            result = self._check_parameter_change(params)
+            if result.successful and self._apply_on_check:
+                self._apply_parameter_change(params)  # it reads the new values from ``params``
+            return result
+        except Exception as err:  # a refused change, never a dead node
             return SetParametersResult(successful=False, reason=f"{type(err).__name__}: {err}")
 
     def _check_parameter_change(self, params: list[Parameter]) -> SetParametersResult:
@@ -174,13 +183,13 @@ class RewardNode(LifecycleNode):
     @guarded
     def _apply_parameter_change(self, params: list[Parameter]) -> None:
         """Live changes: session settings at once (admission from the next episode), a new instruction."""
-        names = {p.name for p in params}
-        if self._session is not None and names & set(SessionConfig.parameter_names()):
-            config = self._session_config()
+        values = {p.name: p.value for p in params}
+        if self._session is not None and values.keys() & set(SessionConfig.parameter_names()):
+            config = self._session_config(values)
             self._session.configure(config)
             self.get_logger().info(f"session settings now {config}")
-        if "instruction" in names and self._state == "active" and str(self._param("instruction")):
-            self._set_instruction(str(self._param("instruction")), "parameter instruction")
+        if values.get("instruction") and self._state == "active":
+            self._set_instruction(str(values["instruction"]), "parameter instruction")
 
     def _check_configuration(self) -> SessionConfig:
         for spec in PARAMETERS:

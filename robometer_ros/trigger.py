@@ -77,7 +77,8 @@ class TriggerCaller:
                 return
             self._in_flight = None
         future, _, reason = in_flight
-        self._client.remove_pending_request(future)
+        if hasattr(self._client, "remove_pending_request"):  # not in every distribution's rclpy
+            self._client.remove_pending_request(future)
         future.cancel()
         self._health.trigger_event("timeout",
                                    f"{self.name} did not answer the call for {reason} within {timeout_s:g} s")
