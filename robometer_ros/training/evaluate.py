@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -283,6 +284,25 @@ class FailureRule:
         return bool(success_probability[-1] < self.success_threshold and progress[-1] < self.progress_threshold)
 
 
+@dataclass(frozen=True)
+class JpegTransport:
+    """Frames as a camera sends them over image_transport ``compressed``: each frame JPEG-encoded at its own
+    size (libjpeg-turbo, ``quality``) and decoded by the node's decoder (robometer_ros.images)."""
+
+    quality: int = 95
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        import simplejpeg
+
+        from robometer_ros.images import compressed_to_rgb
+
+        return np.stack([
+            compressed_to_rgb("jpeg", simplejpeg.encode_jpeg(np.ascontiguousarray(f), quality=self.quality,
+                                                             colorspace="RGB"))
+            for f in frames
+        ])
+
+
 @dataclass
 class EvalOptions:
     """What to evaluate and how.
@@ -293,6 +313,8 @@ class EvalOptions:
         success_cutoffs: per-source completion cutoffs for the progress targets.
         failure_rule: the offline episode-level failure predictor.
         session: the node's settings to replay every episode with (the node's verdicts); None skips them.
+        frame_transform: applied to every episode's frames before scoring (e.g. JpegTransport: the camera's
+            compressed transport); None = the stored frames.
         num_plots: episodes drawn as PNG progress curves.
         batch_size: trajectories per scoring call.
         seed: pair selection and side randomisation.
@@ -303,6 +325,7 @@ class EvalOptions:
     success_cutoffs: dict[str, float] = field(default_factory=dict)
     failure_rule: FailureRule = field(default_factory=FailureRule)
     session: SessionConfig | None = None
+    frame_transform: Callable[[np.ndarray], np.ndarray] | None = None
     num_plots: int = 6
     batch_size: int = 8
     seed: int = 0
@@ -312,6 +335,13 @@ def _evenly(count: int, limit: int) -> list[int]:
     if limit <= 0 or count <= limit:
         return list(range(count))
     return sorted({int(i) for i in np.linspace(0, count - 1, limit).round()})
+
+
+def _transformed(item: Any, options: EvalOptions) -> Any:
+    """A sample or trajectory with ``options.frame_transform`` applied to its frames (a copy)."""
+    if options.frame_transform is None:
+        return item
+    return dataclasses.replace(item, frames=options.frame_transform(np.asarray(item.frames)))
 
 
 def score_trajectories(
@@ -325,7 +355,7 @@ def score_trajectories(
     positions = _evenly(len(collection), options.max_trajectories)
     results = []
     for start in range(0, len(positions), options.batch_size):
-        samples = [sampler[p] for p in positions[start : start + options.batch_size]]
+        samples = [_transformed(sampler[p], options) for p in positions[start : start + options.batch_size]]
         scored = predictor.score([s.instruction for s in samples], [s.frames for s in samples])
         results += [(s, prog, succ) for s, (prog, succ) in zip(samples, scored)]
     return results
@@ -387,8 +417,8 @@ def evaluate_preferences(
         a_frames, b_frames, instructions = [], [], []
         for (_, better, worse, task, _), label in zip(chunk, labels):
             first, second = (better, worse) if label == 1 else (worse, better)
-            a_frames.append(sampler[first].frames)
-            b_frames.append(sampler[second].frames)
+            a_frames.append(_transformed(sampler[first], options).frames)
+            b_frames.append(_transformed(sampler[second], options).frames)
             instructions.append(task)
         probabilities = predictor.preference(instructions, a_frames, b_frames)
         for (kind, _, _, _, source), label, probability in zip(chunk, labels, probabilities):
@@ -495,7 +525,8 @@ def node_verdicts(predictor: Predictor, collection: TrajectoryCollection, option
     ``options.session`` (its monitor included), as a robot would have scored it."""
     assert options.session is not None
     positions = _evenly(len(collection), options.max_trajectories)
-    scored = score_episodes(predictor.engine, (collection[p] for p in positions), options.session)
+    scored = score_episodes(predictor.engine, (_transformed(collection[p], options) for p in positions),
+                            options.session)
     return judge(scored, options.session.monitor)
 
 
@@ -643,6 +674,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params-file", action="append", default=[],
                         help="the node's parameter files for its verdicts (session settings, monitor thresholds; "
                         "repeatable, later wins; default: the package's config/reward_node.yaml)")
+    parser.add_argument("--transport", choices=("raw", "jpeg"), default="raw",
+                        help="jpeg: every frame JPEG-encoded at its size and decoded by the node's decoder, as over "
+                        "image_transport compressed (the common real-robot transport)")
+    parser.add_argument("--jpeg-quality", type=int, default=95, help="--transport jpeg quality (image_transport's "
+                        "default 95)")
     parser.add_argument("--no-node-verdicts", action="store_true", help="skip replaying episodes through the node's "
                         "session and monitor")
     parser.add_argument("--out", required=True, help="output directory (metrics.json, plots/)")
@@ -687,12 +723,14 @@ def main(argv: list[str] | None = None) -> int:
         success_cutoffs=cutoffs,
         failure_rule=FailureRule(args.success_threshold, args.progress_threshold),
         session=session,
+        frame_transform=JpegTransport(args.jpeg_quality) if args.transport == "jpeg" else None,
         num_plots=args.plots,
         batch_size=args.batch_size,
         seed=args.seed,
     )
     settings = {"model": str(args.model), "dataset": str(args.dataset), "split": split or "all",
                 "params_files": args.params_file or ["config/reward_node.yaml"],
+                "transport": args.transport if args.transport == "raw" else f"jpeg quality {args.jpeg_quality}",
                 "runner": getattr(getattr(predictor, "engine", None), "backend_name", "torch")}
     metrics = evaluate_collection(predictor, collection, options, args.out, settings)
     print(f"{len(collection)} episodes of {args.dataset} (split {split or 'all'})")

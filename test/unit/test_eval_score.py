@@ -200,3 +200,14 @@ def test_single_episode_ranks() -> None:
     assert list(episode.frame_indices) == [0, len(trajectory) - 1]  # the first frame, and the last at the end
     assign_ranks([episode])
     assert (episode.rank_in_task, episode.rank_overall, episode.percentile_overall) == (1, 1, 1.0)
+
+
+def test_jpeg_transport_is_what_the_node_decodes_from_a_compressed_camera(collection: InMemoryDataset) -> None:
+    from robometer_ros.training.evaluate import JpegTransport
+
+    frames = collection[0].frames
+    sent = JpegTransport(quality=95)(frames)
+    assert sent.shape == frames.shape and sent.dtype == np.uint8
+    error = np.abs(sent.astype(int) - frames.astype(int))
+    assert 0 < error.mean() < 3  # lossy, but the scene is intact
+    assert np.abs(JpegTransport(quality=20)(frames).astype(int) - frames.astype(int)).mean() > error.mean()
