@@ -412,6 +412,10 @@ def test_prefix_plans_score_like_the_plain_language_part_and_keep_the_prefix_on_
     np.testing.assert_allclose(one_frame.progress_logits, reference.score(TINY_INSTRUCTION, [0]).progress_logits,
                                atol=1e-5, rtol=0)
     assert prefix_context.enqueued == 1 and suffix_context.enqueued == len(lists)
+    two = engine.score(TINY_INSTRUCTION, [0, 3])  # one prompt of one suffix frame: the cached tensors bound in place
+    np.testing.assert_allclose(two.progress_logits, reference.score(TINY_INSTRUCTION, [0, 3]).progress_logits,
+                               atol=1e-5, rtol=0)
+    assert suffix_context.addresses["visual_embeds"] == engine._cache[3].visual.ptr
 
     # the keys/values live on the device, in one aligned block owned by the state, bound in place each step
     ((key, entry),) = engine._prefixes.items()
