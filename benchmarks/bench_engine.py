@@ -189,7 +189,11 @@ def fill_cache(engine, count: int, seed_ids: list) -> None:
 
 
 def make_engines(backend: str, model, bundle, device: str, threads: int):
-    """(plain engine, prefix-reuse engine or None), sharing one runtime."""
+    """(plain engine, prefix-reuse engine or None), sharing one runtime.
+
+    With tensorrt the shared runtime then holds the language_prefix, language_suffix and (loaded by the plain
+    engine's first step) language plans, each with its own copy of the decoder weights.
+    """
     from robometer_ros.engine.reward_engine import RewardEngine
     from robometer_ros.engine.runtime import create_runtime
     from robometer_ros.engine.torch_runtime import TorchRuntime

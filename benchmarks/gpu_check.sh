@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine with no network (about 8 minutes at most on an H200):
-#   1. the gpu-marked tests (test/gpu: cuda-python device memory and copies; TensorRT plans if TensorRT is installed),
+#   1. the gpu-marked tests (test/gpu: cuda-python device memory and copies; if TensorRT is installed, the tiny
+#      bundle's plans built here and the TensorRT runtime against ONNX Runtime, prefix-reuse plans and plain),
 #   2. the torch bf16 benchmark on a 4B-shaped random model (benchmarks/bench_gpu.py): reference vs frame cache vs
 #      frame cache + prefix KV reuse, eager vs CUDA graphs, peak GPU memory; one table.
 #

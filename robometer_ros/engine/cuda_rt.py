@@ -224,20 +224,27 @@ def _cuda_version(v: int) -> str:
 # Device blocks and arrays
 
 
+#: spare (freed but not returned) bytes a ``DeviceAllocator`` may hold by default
+SPARE_BYTES = 256 << 20
+
+
 class DeviceAllocator:
     """``cudaMalloc`` blocks with a free list per size, so encoding a frame after forgetting one reuses memory.
 
     Frame features all have the same size, and ``cudaFree`` synchronises the whole device, so a freed
-    block goes back to a bounded free list (``keep`` blocks per size) instead of to the driver. Blocks
-    are released when the last ``DeviceArray`` on them is garbage collected (from any thread).
+    block goes back to a bounded free list (``keep`` blocks per size, ``keep_bytes`` in all) instead of
+    to the driver. The byte bound matters for prefix keys/values: their size follows the instruction's
+    length, so blocks of sizes that never come back would otherwise pile up. Blocks are released when
+    the last ``DeviceArray`` on them is garbage collected (from any thread).
     """
 
-    def __init__(self, cuda: CudaApi, device: int, keep: int = 32) -> None:
-        self.cuda, self.device, self.keep = cuda, device, keep
+    def __init__(self, cuda: CudaApi, device: int, keep: int = 32, keep_bytes: int = SPARE_BYTES) -> None:
+        self.cuda, self.device, self.keep, self.keep_bytes = cuda, device, keep, keep_bytes
         self._spare: dict[int, list[int]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.live_bytes = 0
+        self.spare_bytes = 0
 
     def alloc(self, nbytes: int) -> DeviceBlock:
         """A block of at least ``nbytes`` (rounded up to the alignment) on this allocator's device."""
@@ -247,6 +254,8 @@ class DeviceAllocator:
                 raise RuntimeError("the TensorRT runtime is closed")
             spare = self._spare.get(size)
             ptr = spare.pop() if spare else None
+            if ptr is not None:
+                self.spare_bytes -= size
             self.live_bytes += size
         if ptr is None:
             try:
@@ -269,8 +278,9 @@ class DeviceAllocator:
         with self._lock:
             self.live_bytes -= size
             spare = self._spare.setdefault(size, [])
-            if not self._closed and len(spare) < self.keep:
+            if not self._closed and len(spare) < self.keep and self.spare_bytes + size <= self.keep_bytes:
                 spare.append(ptr)
+                self.spare_bytes += size
                 return
         self._free(ptr)
 
@@ -290,6 +300,7 @@ class DeviceAllocator:
         with self._lock:
             self._closed = True
             spare, self._spare = self._spare, {}
+            self.spare_bytes = 0
         for ptrs in spare.values():
             for ptr in ptrs:
                 self._free(ptr)
@@ -359,6 +370,21 @@ class DeviceConcat:
 
 
 @dataclass(frozen=True)
+class DeviceStack:
+    """Feed value: equal-shape concatenations stacked on a new leading (batch) axis, assembled on the device.
+
+    E.g. a suffix batch: row b is prompt b's frames after the first, concatenated along the token axis.
+    """
+
+    rows: tuple[DeviceConcat, ...]
+
+    @property
+    def arrays(self) -> tuple[DeviceArray, ...]:
+        """Every source array, row by row (``stack_plan``'s ``Copy2D.source`` indexes this)."""
+        return tuple(a for row in self.rows for a in row.arrays)
+
+
+@dataclass(frozen=True)
 class Copy2D:
     """One strided copy of a concatenation: ``height`` rows of ``width`` bytes from source ``source``."""
 
@@ -395,6 +421,31 @@ def concat_plan(shapes: Sequence[Sequence[int]], axis: int, itemsize: int) -> tu
         copies.append(Copy2D(index, column, dpitch, width, width, outer))
         column += width
     return out_shape, copies
+
+
+def stack_plan(rows: Sequence[Sequence[Sequence[int]]], axis: int, itemsize: int) -> tuple[tuple[int, ...],
+                                                                                            list[Copy2D]]:
+    """The output shape and copies of ``np.stack([np.concatenate(row, axis) for row in rows])``.
+
+    Each row is one ``concat_plan`` placed ``row_bytes`` after the previous one; ``Copy2D.source`` counts
+    the sources row by row. Every row must concatenate to the same shape. Pure arithmetic, tested against
+    numpy.
+    """
+    if not rows:
+        raise ValueError("nothing to stack")
+    row_shape, copies, offset, index = None, [], 0, 0
+    for row in rows:
+        shape, row_copies = concat_plan(row, axis, itemsize)
+        if row_shape is None:
+            row_shape = shape
+        elif shape != row_shape:
+            raise ValueError(f"cannot stack rows that concatenate to {row_shape} and {shape}")
+        for c in row_copies:
+            copies.append(Copy2D(index + c.source, offset + c.dst_offset, c.dpitch, c.spitch, c.width, c.height))
+        offset += math.prod(shape) * itemsize
+        index += len(row)
+    assert row_shape is not None
+    return (len(rows), *row_shape), copies
 
 
 # ------------------------------------------------------------------------------------------------------

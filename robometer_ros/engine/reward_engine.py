@@ -5,14 +5,16 @@ do not depend on the other frames or on the prompt: computing them once at ``add
 them at every later ``score`` is exact. A scoring step is then only the language part on the prompt
 built for those frames (docs/ARCHITECTURE.md, "Model split" and "Contracts").
 
-Prefix reuse (bundles with the ``language_prefix`` / ``language_suffix`` parts, and the torch backend):
+Prefix reuse (bundles with the ``language_prefix`` / ``language_suffix`` parts, on tensorrt with their
+plans built, and the torch backend):
 within an episode every step's prompt starts with the same chat text, instruction and first frame (the
 subsampling always keeps frame 0). The engine runs that prefix once per (instruction, first frame id),
 keeps its keys/values (``PrefixState``), and each step then runs only the suffix (the other frames,
 their prog tokens, the end of the prompt) on top of them. The first frame's scores come from the prefix
 part, where its prog token is the last position: causal attention makes both exact. A prefix entry is
 dropped when its first frame is forgotten, evicted or replaced; at most ``max_cached_prefixes`` are
-kept (least recently used first out); ``prefix_cache_nbytes`` is their memory.
+kept (least recently used first out); ``prefix_cache_nbytes`` is their memory. Dropping an entry is all
+the release there is: its ``PrefixState`` (host or device keys/values) is freed with its last reference.
 
 ``score_batch`` scores many frame lists of one instruction (an offline replay of an episode's steps):
 with the prefix parts the lists that share a first frame share its prefix and go through the suffix

@@ -147,10 +147,14 @@ class SuffixInputs:
 class PrefixState:
     """``language_prefix``'s result, kept by the engine while the episode's first frame is cached.
 
-    ``past_keys`` / ``past_values``: [layers, 1, kv_heads, P, head_dim] float32 in the runtime's native
-    array type (numpy for onnxruntime; torch on the device for torch and tensorrt), so they never leave
-    the device between steps. ``progress_logits`` [1, bins] / ``success_logits`` [1]: the first frame's
-    heads (host numpy), the same at every step.
+    ``past_keys`` / ``past_values``: [layers, 1, kv_heads, P, head_dim] in the runtime's native array type
+    (numpy for onnxruntime; torch tensors on the model's device for torch; ``cuda_rt.DeviceArray`` views of
+    one device block for tensorrt), so they never leave the device between steps. ``progress_logits``
+    [1, bins] / ``success_logits`` [1]: the first frame's heads (host numpy), the same at every step.
+
+    The state owns that memory and there is no release call: it is freed (tensorrt: back to the runtime's
+    allocator) when the last reference goes, i.e. when the engine has dropped its entry and no score that
+    picked it up is still running, so a ``forget`` on another thread never frees it under a running step.
     """
 
     past_keys: Any
@@ -214,7 +218,8 @@ class Runtime(ABC):
     #: whether run_prefix / run_suffix work (the bundle has the prefix parts and this runtime runs them)
     supports_prefix: bool = False
     #: prompts per run_suffix call that suit this device (None: as many as the bundle's profiles allow). On a
-    #: CPU a large batch's attention tensors outgrow the caches and lose to a few prompts per call.
+    #: CPU a large batch's attention tensors outgrow the caches and lose to a few prompts per call; tensorrt
+    #: says its suffix plan's batch profile (the manifest's prefix.max_batch).
     preferred_suffix_batch: int | None = None
 
     def run_prefix(self, inputs: PrefixInputs, first: FrameFeatures) -> PrefixState:

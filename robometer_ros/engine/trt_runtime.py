@@ -5,18 +5,29 @@ numpy, tokenizers and onnx (bundle validation); torch is never imported here. De
 buffers, streams and copies go through ``engine/cuda_rt.py``.
 
 How a part runs (``TensorRTRuntime.run_part``, generic over the plan's named tensors, so any part the
-bundle's engine index holds can run, e.g. new prefix/suffix language parts):
+bundle's engine index holds can run):
 
 * inputs are bound by name: a host numpy array is cast to the plan's dtype (int64 stays int64: TensorRT
   keeps ONNX INT64 bindings), staged in a reusable pinned buffer and copied to a reusable device buffer
   on the part's stream; a ``DeviceArray`` is bound in place; a ``DeviceConcat`` (e.g. the cached features
-  of the prompt's frames) is concatenated on the device by one copy per source (``cuda_rt.concat_plan``);
+  of the prompt's frames) is concatenated on the device by one copy per source (``cuda_rt.concat_plan``),
+  a ``DeviceStack`` (a suffix batch: one such concatenation per prompt) likewise (``cuda_rt.stack_plan``);
 * ``set_input_shape`` for every input (inside the plan's optimization profile), ``infer_shapes``, then
   output shapes from the context (a data-dependent output is refused: the export has none);
 * outputs named in ``keep_on_device`` go to one fresh 256-byte-aligned block and come back as
   ``DeviceArray`` (frame features stay on the GPU and are cached by the RewardEngine, which adds up
   their ``nbytes``); the others are copied to pinned buffers and returned as numpy;
 * ``execute_async_v3`` on the part's non-blocking stream, then one stream synchronize per call.
+
+Which language plans run: with a schema-2 bundle whose ``language_prefix`` and ``language_suffix`` plans
+are built, each step runs the suffix plan on the episode's prefix keys/values (``run_prefix`` once per
+instruction and first frame, ``run_suffix`` per step or per batch of steps), and the plain ``language``
+plan is loaded only if something asks for it (``prefix_reuse=False`` engines sharing the runtime). The
+prefix's keys/values are kept on the device (``PrefixState.past_keys``/``past_values`` are
+``DeviceArray`` views of one block) and bound in place at every suffix call; the block is owned by the
+state and goes back to the allocator when the RewardEngine drops the last reference to it. Without
+either prefix plan the runtime runs the plain ``language`` plan (logged); with only one of them it
+refuses to start (``NoEngineError`` naming the missing one) rather than silently running the slower path.
 
 Threads: the vision part and the language parts have one stream, one lock and their own staging buffers
 each, so the producer thread (``encode_frame``) and the scorer thread (``run_language``) overlap; an
@@ -50,7 +61,10 @@ import numpy as np
 from robometer_ros.engine.bundle import (
     PART_LANGUAGE,
     PART_LANGUAGE_PREFERENCE,
+    PART_LANGUAGE_PREFIX,
+    PART_LANGUAGE_SUFFIX,
     PART_VISION,
+    PREFIX_PART_NAMES,
     Bundle,
     BundleError,
     EngineRecord,
@@ -61,11 +75,13 @@ from robometer_ros.engine.cuda_rt import (
     DeviceAllocator,
     DeviceArray,
     DeviceConcat,
+    DeviceStack,
     PinnedBuffer,
     align_up,
     bfloat16_bits_to_float32,
     concat_plan,
     float32_to_bfloat16_bits,
+    stack_plan,
 )
 from robometer_ros.engine.runtime import (
     FrameFeatures,
@@ -73,8 +89,11 @@ from robometer_ros.engine.runtime import (
     LanguageInputs,
     NoDeviceError,
     NoEngineError,
+    PrefixInputs,
+    PrefixState,
     Runtime,
     RuntimeStartError,
+    SuffixInputs,
 )
 from robometer_ros.engine.trt_common import CPU_AOT_GPU, gpu_identity, import_tensorrt
 
@@ -102,11 +121,13 @@ _VISION_GROUP, _LANGUAGE_GROUP = "vision", "language"
 def find_usable_engines(
     bundle: Bundle, precision: str | None = None, device_index: int = 0
 ) -> dict[str, EngineRecord] | None:
-    """Current plans for the vision and language parts on this GPU and TensorRT, or None.
+    """Current plans on this GPU and TensorRT at one precision (every part that has one), or None.
 
-    Raises ``LibraryMissingError`` when TensorRT is not importable and ``NoDeviceError`` when no GPU
-    is visible. With ``precision`` None the fastest precision that has plans for both parts wins
-    (fp8 > int8 > fp16 > bf16 > fp32).
+    A precision qualifies with a vision plan and a plan a step can start from: ``language`` or a prefix-reuse
+    part (whether the prefix pair is complete is the runtime's check, so that a half-built pair is an error
+    that names the missing plan instead of "no plan"). Raises ``LibraryMissingError`` when TensorRT is not
+    importable and ``NoDeviceError`` when no GPU is visible. With ``precision`` None the fastest qualifying
+    precision wins (fp8 > int8 > fp16 > bf16 > fp32).
     """
     trt, flavor = import_tensorrt()
     version = trt.__version__
@@ -137,7 +158,7 @@ def find_usable_engines(
         candidates.setdefault(key.precision, {})[record.part] = record
     for p in PRECISION_ORDER:
         plans = candidates.get(p, {})
-        if PART_VISION in plans and PART_LANGUAGE in plans:
+        if PART_VISION in plans and any(part in plans for part in (PART_LANGUAGE, *PREFIX_PART_NAMES)):
             return plans
     return None
 
@@ -253,10 +274,12 @@ class TensorRTRuntime(Runtime):
         precision: a plan precision to insist on ("fp16", "fp32", ...); None = the fastest available.
         device_index: the CUDA device.
         cuda: a ``CudaApi`` (tests inject one around a fake cuda-python module); default: the real one.
+        prefix_reuse: None = run the prefix-reuse plans when both are built, else the plain language plan;
+            True = require them; False = the plain language plan only (the prefix plans are not loaded).
     """
 
     def __init__(self, bundle: Bundle, precision: str | None = None, device_index: int = 0,
-                 cuda: CudaApi | None = None, **_: Any) -> None:
+                 cuda: CudaApi | None = None, prefix_reuse: bool | None = None, **_: Any) -> None:
         plans = find_usable_engines(bundle, precision, device_index)
         if plans is None:
             raise NoEngineError(
@@ -264,6 +287,7 @@ class TensorRTRuntime(Runtime):
                 + (f" at precision {precision}" if precision else "")
                 + "; run robometer-build-engines on this machine"
             )
+        step_parts = self._step_parts(bundle, plans, prefix_reuse)
         self.bundle = bundle
         self.cuda = cuda if cuda is not None else CudaApi()
         self.device = self.cuda.require_device(device_index)  # NoDeviceError / CudaError before any allocation
@@ -273,33 +297,84 @@ class TensorRTRuntime(Runtime):
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._plans = dict(plans)
-        # Other parts with the same key (preference, and any further language part) load on first use.
+        if prefix_reuse is False:  # never load them, so they cannot hold the decoder weights once more
+            for part in PREFIX_PART_NAMES:
+                self._plans.pop(part, None)
+        # Other parts with the same key (preference, the plain language part) load on first use.
+        anchor = plans[step_parts[0]].key
         for record in bundle.engines():
-            if record.part not in self._plans and record.key == plans[PART_LANGUAGE].key \
-                    and _is_current(bundle, record)[0]:
+            if record.part not in self._plans and record.key == anchor and _is_current(bundle, record)[0] \
+                    and (prefix_reuse is not False or record.part not in PREFIX_PART_NAMES):
                 self._plans[record.part] = record
+        self.supports_prefix = step_parts == PREFIX_PART_NAMES
+        #: the suffix plan's batch profile (the bundle's prefix.max_batch); run_suffix splits larger batches
+        self.max_suffix_batch = bundle.manifest.prefix.max_batch if self.supports_prefix else 0
+        self.preferred_suffix_batch = self.max_suffix_batch or None
         self._parts: dict[str, _Part] = {}
         self._allocator = DeviceAllocator(self.cuda, device_index)
         self._groups: dict[str, _Group] = {}
         try:
             self._groups = {g: _Group(self.cuda, self._allocator) for g in (_VISION_GROUP, _LANGUAGE_GROUP)}
-            vision, language = self._part(PART_VISION), self._part(PART_LANGUAGE)
-            self._check_feature_dtypes(vision, language)
+            self._part(PART_VISION)
+            for part in step_parts:
+                self._part(part)
         except BaseException:
             self.close()
             raise
         self.backend_name = f"{flavor}:{self.precision}"
-        LOG.info("TensorRT (%s %s) plans %s on %s (compute capability %s)", flavor, trt.__version__,
-                 {p: r.file for p, r in self._plans.items()}, self.device.name, self.device.compute_capability)
+        LOG.info("TensorRT (%s %s) on %s (compute capability %s): steps run %s; plans %s", flavor,
+                 trt.__version__, self.device.name, self.device.compute_capability,
+                 " + ".join(step_parts) + (" (prefix reuse)" if self.supports_prefix else ""),
+                 {p: r.file for p, r in self._plans.items()})
 
     @staticmethod
-    def _check_feature_dtypes(vision: _Part, language: _Part) -> None:
-        for name in ("visual_embeds", "deepstack_embeds"):
-            if name in vision.dtypes and name in language.dtypes and vision.dtypes[name] != language.dtypes[name]:
-                raise RuntimeStartError(
-                    f"the vision plan outputs {name} as {vision.dtypes[name]} but the language plan takes "
-                    f"{language.dtypes[name]}: build both parts at the same precision"
-                )
+    def _step_parts(bundle: Bundle, plans: Mapping[str, EngineRecord], prefix_reuse: bool | None) -> tuple[str, ...]:
+        """The plans each progress step runs: the prefix pair, or the plain language plan (see the class doc)."""
+        have = [part for part in PREFIX_PART_NAMES if part in plans]
+        missing = [part for part in PREFIX_PART_NAMES if part not in plans]
+        precision = plans[PART_VISION].key.precision
+        rebuild = f"run robometer-build-engines on this machine (precision {precision})"
+        if prefix_reuse is not False:
+            if not missing:
+                return PREFIX_PART_NAMES
+            if have:
+                raise NoEngineError(
+                    f"{bundle.root}: a current TensorRT plan for {have[0]} but none for {missing[0]}: {rebuild} "
+                    f"(--parts {missing[0]}), or pass prefix_reuse=False to run the plain language plan")
+            if prefix_reuse:
+                raise NoEngineError(
+                    f"{bundle.root}: prefix_reuse=True but no current TensorRT plans for "
+                    f"{' / '.join(PREFIX_PART_NAMES)}"
+                    + (f": {rebuild}" if bundle.has_prefix_parts else " (a schema-1 bundle: re-export it)"))
+        if PART_LANGUAGE not in plans:
+            raise NoEngineError(f"{bundle.root}: no current TensorRT plan for the plain {PART_LANGUAGE} part "
+                                f"(prefix_reuse=False): {rebuild}")
+        if bundle.has_prefix_parts and prefix_reuse is None:
+            LOG.warning("%s: the bundle has the prefix-reuse parts but no TensorRT plans for them: every step runs "
+                        "the plain %s plan (%s to build them)", bundle.root, PART_LANGUAGE, rebuild)
+        return (PART_LANGUAGE,)
+
+    #: tensors one plan produces and another takes: (producer part, consumer part, tensor names)
+    _LINKS = (
+        *((PART_VISION, part, ("visual_embeds", "deepstack_embeds"))
+          for part in (PART_LANGUAGE, PART_LANGUAGE_PREFERENCE, *PREFIX_PART_NAMES)),
+        (PART_LANGUAGE_PREFIX, PART_LANGUAGE_SUFFIX, ("past_keys", "past_values")),
+    )
+
+    def _check_links(self, loaded: _Part) -> None:
+        """A device tensor one plan outputs must have the dtype the next plan binds (same precision builds)."""
+        for producer, consumer, names in self._LINKS:
+            if loaded.name not in (producer, consumer):
+                continue
+            a, b = self._parts.get(producer), self._parts.get(consumer)
+            if a is None or b is None:
+                continue
+            for name in names:
+                if name in a.dtypes and name in b.dtypes and a.dtypes[name] != b.dtypes[name]:
+                    raise RuntimeStartError(
+                        f"the {producer} plan outputs {name} as {a.dtypes[name]} but the {consumer} plan takes "
+                        f"{b.dtypes[name]}: build both parts at the same precision"
+                    )
 
     @property
     def parts(self) -> list[str]:
@@ -314,19 +389,27 @@ class TensorRTRuntime(Runtime):
                 raise NoEngineError(f"{self.bundle.root}: no TensorRT plan for part {part!r} matching the loaded "
                                     f"ones (have {', '.join(self.parts)})")
             plan = (self.bundle.root / record.file).read_bytes()
-            loaded = self._parts[part] = _Part(self._trt, self._runtime, plan, part, record.file)
+            loaded = _Part(self._trt, self._runtime, plan, part, record.file)
+            self._parts[part] = loaded
+            try:
+                self._check_links(loaded)
+            except RuntimeStartError:
+                del self._parts[part]
+                loaded.close()
+                raise
         return loaded
 
     # ---- generic execution ---------------------------------------------------------------------
     def run_part(
         self,
         part: str,
-        feed: Mapping[str, np.ndarray | DeviceArray | DeviceConcat],
+        feed: Mapping[str, np.ndarray | DeviceArray | DeviceConcat | DeviceStack],
         keep_on_device: Collection[str] = (),
     ) -> dict[str, np.ndarray | DeviceArray]:
         """Run one plan by its tensor names; outputs in ``keep_on_device`` stay on the GPU (fresh memory).
 
-        ``feed`` maps every input name to a host array, a ``DeviceArray`` or a ``DeviceConcat``. Blocks
+        ``feed`` maps every input name to a host array, a ``DeviceArray``, a ``DeviceConcat`` or a
+        ``DeviceStack``. Kept outputs share one fresh block, each at a 256-byte aligned offset. Blocks
         until the outputs are complete. Raises ``ValueError`` for a missing input, a dtype mismatch or a
         shape outside the plan's profile, ``RuntimeError`` when TensorRT refuses to enqueue.
         """
@@ -396,15 +479,23 @@ class TensorRTRuntime(Runtime):
         if isinstance(value, DeviceArray):
             self._check_device_dtype(part, name, value)
             return value
-        if isinstance(value, DeviceConcat):
-            for array in value.arrays:
+        if isinstance(value, (DeviceConcat, DeviceStack)):
+            sources = value.arrays
+            for array in sources:
                 self._check_device_dtype(part, name, array)
-            if len(value.arrays) == 1:
-                return value.arrays[0]
-            shape, copies = concat_plan([a.shape for a in value.arrays], value.axis, ITEMSIZE[want])
+            if isinstance(value, DeviceConcat):
+                if len(sources) == 1:
+                    return sources[0]
+                shape, copies = concat_plan([a.shape for a in sources], value.axis, ITEMSIZE[want])
+            else:
+                if len(sources) == 1:  # one prompt of one frame: the cached tensor itself, seen as a batch of 1
+                    only = sources[0]
+                    return DeviceArray(only.block, only.offset, (1, *only.shape), only.dtype)
+                shape, copies = stack_plan([[a.shape for a in row.arrays] for row in value.rows],
+                                           value.rows[0].axis, ITEMSIZE[want])
             dst = group.device(f"in:{part.name}:{name}", shape, want)
             for c in copies:
-                src = value.arrays[c.source].ptr
+                src = sources[c.source].ptr
                 if c.height == 1:
                     self.cuda.copy_async(dst.ptr + c.dst_offset, src, c.width, self.cuda.D2D, group.stream)
                 else:
@@ -444,10 +535,60 @@ class TensorRTRuntime(Runtime):
             preference_logit=np.asarray(out["preference_logit"], dtype=np.float32) if preference else None,
         )
 
+    def run_prefix(self, inputs: PrefixInputs, first: FrameFeatures) -> PrefixState:
+        """language_prefix plan on the shared prompt prefix; its keys/values stay on the GPU.
+
+        ``past_keys`` / ``past_values`` are ``DeviceArray`` views of one fresh block owned by the returned
+        state (256-byte aligned offsets); the block goes back to the allocator when the state is dropped.
+        """
+        self._require_prefix()
+        feed: dict[str, Any] = dict(inputs.as_feed())
+        feed["visual_embeds"] = first.visual
+        feed["deepstack_embeds"] = first.deepstack
+        out = self.run_part(PART_LANGUAGE_PREFIX, feed, keep_on_device=("past_keys", "past_values"))
+        return PrefixState(past_keys=out["past_keys"], past_values=out["past_values"],
+                           progress_logits=np.asarray(out["progress_logits"], dtype=np.float32),
+                           success_logits=np.asarray(out["success_logits"], dtype=np.float32))
+
+    def run_suffix(
+        self, inputs: SuffixInputs, prefix: PrefixState, frames: Sequence[Sequence[FrameFeatures]]
+    ) -> HeadOutputs:
+        """language_suffix plan for B prompts on ``prefix``'s device keys/values (bound in place, no copy).
+
+        Each prompt's frames are concatenated and the prompts stacked on the GPU; more than
+        ``max_suffix_batch`` prompts (the plan's batch profile) run in several calls.
+        """
+        self._require_prefix()
+        if not isinstance(prefix.past_keys, DeviceArray) or not isinstance(prefix.past_values, DeviceArray):
+            raise TypeError(f"a PrefixState from another runtime (past_keys is {type(prefix.past_keys).__name__}); "
+                            "run_prefix on this TensorRT runtime")
+        if not frames:
+            raise ValueError("run_suffix needs at least one prompt")
+        progress, success = [], []
+        for begin in range(0, len(frames), self.max_suffix_batch):
+            chunk = frames[begin:begin + self.max_suffix_batch]
+            feed: dict[str, Any] = dict(inputs.as_feed())
+            feed["visual_embeds"] = DeviceStack(tuple(DeviceConcat(tuple(f.visual for f in row), 0) for row in chunk))
+            feed["deepstack_embeds"] = DeviceStack(
+                tuple(DeviceConcat(tuple(f.deepstack for f in row), 1) for row in chunk))
+            feed["past_keys"] = prefix.past_keys
+            feed["past_values"] = prefix.past_values
+            out = self.run_part(PART_LANGUAGE_SUFFIX, feed)
+            progress.append(np.asarray(out["progress_logits"], dtype=np.float32))
+            success.append(np.asarray(out["success_logits"], dtype=np.float32))
+        return HeadOutputs(progress_logits=np.concatenate(progress, axis=0),
+                           success_logits=np.concatenate(success, axis=0))
+
+    def _require_prefix(self) -> None:
+        if not self.supports_prefix:
+            raise NotImplementedError(f"this TensorRT runtime runs the plain {PART_LANGUAGE} plan (no prefix-reuse "
+                                      "plans loaded; see the start-up log)")
+
     def close(self) -> None:
         """Synchronise, then free contexts, engines, staging buffers and streams.
 
-        Frame features still referenced elsewhere are freed when they are garbage collected.
+        Frame features and prefix keys/values still referenced elsewhere are freed when they are garbage
+        collected.
         """
         for part in self._parts.values():
             part.close()

@@ -1,5 +1,6 @@
 """TensorRT runtime on a real GPU: build the tiny bundle's plans here, then the RewardEngine's tensorrt backend
-(cuda-python memory, no torch in the runtime) must match ONNX Runtime (fp32 plans: 1e-3 on logits)."""
+(cuda-python memory, no torch in the runtime) must match ONNX Runtime (fp32 plans: 1e-3 on logits, TensorRT
+may use TF32), with the prefix-reuse plans (the default when they are built) and with the plain language plan."""
 
 from __future__ import annotations
 
@@ -31,10 +32,12 @@ def built_bundle(tiny_bundle, tmp_path_factory) -> Bundle:
     return bundle
 
 
-def test_tensorrt_matches_onnxruntime(built_bundle: Bundle) -> None:
-    trt_engine = RewardEngine(built_bundle, backend="tensorrt")
+@pytest.mark.parametrize("prefix_reuse", [None, False])
+def test_tensorrt_matches_onnxruntime(built_bundle: Bundle, prefix_reuse) -> None:
+    trt_engine = RewardEngine(built_bundle, backend="tensorrt", prefix_reuse=prefix_reuse)
     ort_engine = RewardEngine(built_bundle, backend="onnxruntime", providers=["CPUExecutionProvider"])
     assert trt_engine.backend_name.endswith(":fp32")
+    assert trt_engine.prefix_reuse == (prefix_reuse is None)  # every part was built, so the prefix plans run
     frames = random_frames(8, seed=11)
     for i, image in enumerate(frames):
         trt_engine.add_frame(i, image)
@@ -64,3 +67,43 @@ def test_features_stay_on_the_gpu(built_bundle: Bundle, tmp_path: Path) -> None:
     assert isinstance(features.visual, DeviceArray) and isinstance(features.deepstack, DeviceArray)
     assert features.visual.ptr % 256 == 0 and features.deepstack.ptr % 256 == 0
     assert engine.cache_nbytes == features.nbytes > 0
+
+
+def test_tensorrt_prefix_reuse_over_an_episode(built_bundle: Bundle) -> None:
+    """Steps of an episode through the prefix + suffix plans equal the plain language part (ONNX Runtime); the
+    prefix runs once, its keys/values stay on the GPU, and every block is returned at close."""
+    from robometer_ros.engine.bundle import PART_LANGUAGE_PREFIX
+    from robometer_ros.engine.cuda_rt import DeviceArray
+    from robometer_ros.episode import subsample_indices
+
+    trt_engine = RewardEngine(built_bundle, backend="tensorrt")
+    ort_engine = RewardEngine(built_bundle, backend="onnxruntime", providers=["CPUExecutionProvider"],
+                              prefix_reuse=False)
+    runtime = trt_engine.runtime
+    assert runtime.supports_prefix
+    calls = []
+    run_part = runtime.run_part
+    runtime.run_part = lambda part, *a, **k: (calls.append(part), run_part(part, *a, **k))[1]
+    m = built_bundle.manifest
+    steps = m.prefix.max_batch + 4
+    for i, image in enumerate(random_frames(steps, seed=13)):
+        trt_engine.add_frame(i, image)
+        ort_engine.add_frame(i, image)
+    lists = [subsample_indices(t + 1, m.num_frames) for t in range(1, steps)]
+    want = [ort_engine.score(TINY_INSTRUCTION, ids) for ids in lists]
+    got = [trt_engine.score(TINY_INSTRUCTION, ids) for ids in lists]
+    batched = trt_engine.score_batch(TINY_INSTRUCTION, lists)
+    for a, b, ref in zip(got, batched, want):
+        np.testing.assert_allclose(a.progress_logits, ref.progress_logits, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(a.success_logits, ref.success_logits, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(b.progress_logits, a.progress_logits, atol=1e-4, rtol=0)
+    assert calls.count(PART_LANGUAGE_PREFIX) == 1
+    state = trt_engine._prefixes[(TINY_INSTRUCTION, 0)].state
+    assert isinstance(state.past_keys, DeviceArray) and state.past_keys.ptr % 256 == 0
+    assert state.past_values.ptr % 256 == 0
+    del state
+    trt_engine.close()
+    import gc
+
+    gc.collect()
+    assert runtime._allocator.live_bytes == 0

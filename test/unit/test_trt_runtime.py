@@ -17,11 +17,29 @@ import pytest
 
 from fixtures_bundle import TINY_INSTRUCTION, copy_bundle, random_frames
 from robometer_ros.engine import cuda_rt, trt_runtime
-from robometer_ros.engine.bundle import PART_LANGUAGE, PART_LANGUAGE_PREFERENCE, PART_VISION, Bundle, EngineKey
-from robometer_ros.engine.cuda_rt import CudaApi, CudaError, DeviceArray, DeviceConcat, concat_plan
+from robometer_ros.engine.bundle import (
+    ALL_PART_NAMES,
+    PART_LANGUAGE,
+    PART_LANGUAGE_PREFERENCE,
+    PART_LANGUAGE_PREFIX,
+    PART_LANGUAGE_SUFFIX,
+    PART_VISION,
+    Bundle,
+    EngineKey,
+)
+from robometer_ros.engine.cuda_rt import (
+    CudaApi,
+    CudaError,
+    DeviceAllocator,
+    DeviceArray,
+    DeviceConcat,
+    concat_plan,
+    stack_plan,
+)
 from robometer_ros.engine.reward_engine import RewardEngine
 from robometer_ros.engine.runtime import LibraryMissingError, NoDeviceError, NoEngineError, RuntimeStartError
 from robometer_ros.engine.trt_common import GpuIdentity
+from robometer_ros.episode import subsample_indices
 from trt_host_doubles import HostCudart, add_host_plans, host_tensorrt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,6 +227,44 @@ def test_concat_plan_equals_numpy_concatenate(shapes, axis) -> None:
         concat_plan([(2, 3), (3, 3)], 1, 4)
 
 
+@pytest.mark.parametrize(("rows", "axis"), [
+    ([[(6, 64), (6, 64)], [(6, 64), (6, 64)], [(6, 64), (6, 64)]], 0),  # visual features of 3 prompts x 2 frames
+    ([[(3, 6, 64), (3, 6, 64)], [(3, 6, 64), (3, 6, 64)]], 1),  # deepstack [k, tokens, H]: strided copies
+    ([[(3, 4, 5)], [(3, 4, 5)]], 1),
+    ([[(2, 3), (2, 5)], [(2, 4), (2, 4)]], 1),  # rows of other split points, same total
+])
+def test_stack_plan_equals_numpy_stack_of_concatenations(rows, axis) -> None:
+    rng = np.random.default_rng(1)
+    arrays = [[rng.standard_normal(s).astype(np.float32) for s in row] for row in rows]
+    want = np.stack([np.concatenate(row, axis=axis) for row in arrays])
+    shape, copies = stack_plan(rows, axis, 4)
+    assert shape == want.shape and len(copies) == sum(len(r) for r in rows)
+    got = _apply_on_host(copies, [a for row in arrays for a in row], want.nbytes).view(np.float32).reshape(shape)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="cannot stack"):
+        stack_plan([[(2, 3)], [(2, 4)]], 1, 4)
+
+
+def test_spare_blocks_are_bounded_in_bytes() -> None:
+    # prefix keys/values come in as many sizes as instruction lengths: spares of sizes that never come back
+    # must not pile up
+    rt = HostCudart()
+    allocator = DeviceAllocator(CudaApi(rt), 0, keep=8, keep_bytes=1024)
+    blocks = [allocator.alloc(512) for _ in range(3)] + [allocator.alloc(768)]
+    assert allocator.live_bytes == 3 * 512 + 768
+    while blocks:  # released oldest first
+        blocks.pop(0)
+    gc.collect()
+    assert allocator.live_bytes == 0 and allocator.spare_bytes == 1024
+    assert rt.calls.count("cudaFree") == 2  # two blocks kept (1024 bytes), the other two went to the driver
+    again = allocator.alloc(512)  # a spare is reused
+    assert rt.calls.count("cudaMalloc") == 4 and allocator.spare_bytes == 512
+    del again
+    allocator.close()
+    gc.collect()
+    assert not rt.blocks and allocator.spare_bytes == 0
+
+
 def test_bfloat16_conversion_matches_torch() -> None:
     torch = pytest.importorskip("torch")
     values = np.array([0.0, -0.0, 1.0, 1.00390625, 1.01171875, -3.14159, 65504.0, 1e-30, np.inf, -np.inf, np.nan,
@@ -315,3 +371,147 @@ def test_a_bad_plan_fails_the_start(bundle: Bundle, host_trt) -> None:
     bundle.engine_index_path.write_text(json.dumps(doc))
     with pytest.raises(RuntimeStartError, match="could not deserialize the language plan"):
         trt_runtime.TensorRTRuntime(bundle, cuda=CudaApi(HostCudart()))
+
+
+# ---- prefix reuse on the host-memory stand-ins ------------------------------------------------------
+def _episode_lists(steps: int, k: int) -> list[list[int]]:
+    """The frame ids the node scores at each step 1..steps-1 of an episode (the official subsampling)."""
+    return [subsample_indices(t + 1, k) for t in range(1, steps)]
+
+
+def test_prefix_plans_score_like_the_plain_language_part_and_keep_the_prefix_on_the_device(
+        bundle: Bundle, host_trt) -> None:
+    add_host_plans(bundle, ALL_PART_NAMES, KEY)
+    rt = HostCudart()
+    runtime = trt_runtime.TensorRTRuntime(bundle, cuda=CudaApi(rt))
+    m = bundle.manifest
+    assert runtime.supports_prefix and runtime.preferred_suffix_batch == runtime.max_suffix_batch == m.prefix.max_batch
+    # only what a step runs is loaded: the plain language and preference plans wait for first use
+    assert set(runtime._parts) == {PART_VISION, PART_LANGUAGE_PREFIX, PART_LANGUAGE_SUFFIX}
+    engine = RewardEngine(bundle, runtime=runtime)
+    assert engine.prefix_reuse and engine.default_batch_size == m.prefix.max_batch
+    reference = RewardEngine(bundle, backend="onnxruntime", providers=["CPUExecutionProvider"], intra_op_threads=1,
+                             prefix_reuse=False)  # the plain language part: what prefix reuse must equal
+    steps = m.prefix.max_batch + 8  # more steps than one suffix batch holds
+    frames = random_frames(steps, seed=5)
+    for i, image in enumerate(frames):
+        engine.add_frame(i, image)
+        reference.add_frame(i, image)
+    lists = _episode_lists(steps, m.num_frames)
+    want = [reference.score(TINY_INSTRUCTION, ids) for ids in lists]
+
+    prefix_context = runtime._parts[PART_LANGUAGE_PREFIX].context
+    suffix_context = runtime._parts[PART_LANGUAGE_SUFFIX].context
+    for ids, ref in zip(lists, want):  # the node: one score per step
+        got = engine.score(TINY_INSTRUCTION, ids)
+        np.testing.assert_allclose(got.progress_logits, ref.progress_logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.success_logits, ref.success_logits, atol=1e-5, rtol=0)
+    assert prefix_context.enqueued == 1  # once per (instruction, first frame), reused by every step
+    assert suffix_context.enqueued == len(lists)
+    one_frame = engine.score(TINY_INSTRUCTION, [0])  # a one-frame prompt is the prefix alone
+    np.testing.assert_allclose(one_frame.progress_logits, reference.score(TINY_INSTRUCTION, [0]).progress_logits,
+                               atol=1e-5, rtol=0)
+    assert prefix_context.enqueued == 1 and suffix_context.enqueued == len(lists)
+    two = engine.score(TINY_INSTRUCTION, [0, 3])  # one prompt of one suffix frame: the cached tensors bound in place
+    np.testing.assert_allclose(two.progress_logits, reference.score(TINY_INSTRUCTION, [0, 3]).progress_logits,
+                               atol=1e-5, rtol=0)
+    assert suffix_context.addresses["visual_embeds"] == engine._cache[3].visual.ptr
+
+    # the keys/values live on the device, in one aligned block owned by the state, bound in place each step
+    ((key, entry),) = engine._prefixes.items()
+    state = entry.state
+    assert key == (TINY_INSTRUCTION, 0)
+    assert isinstance(state.past_keys, DeviceArray) and isinstance(state.past_values, DeviceArray)
+    assert state.past_keys.block is state.past_values.block
+    assert state.past_keys.ptr % 256 == 0 and state.past_values.ptr % 256 == 0
+    layers, _, kv_heads, prefix_len, head_dim = state.past_keys.shape
+    assert state.past_values.shape == state.past_keys.shape and prefix_len >= m.prefix.min_length
+    assert engine.prefix_cache_nbytes == 2 * layers * kv_heads * prefix_len * head_dim * 4
+    assert suffix_context.addresses["past_keys"] == state.past_keys.ptr
+    assert suffix_context.addresses["past_values"] == state.past_values.ptr
+
+    # score_batch: the episode's steps stacked on the suffix plan's batch axis, within its profile
+    # (batch <= prefix.max_batch: the host engine refuses larger shapes like a real plan)
+    before = suffix_context.enqueued
+    for batch_size in (None, len(lists)):  # the engine's chunks, then one call the runtime must split
+        batched = engine.score_batch(TINY_INSTRUCTION, lists, batch_size=batch_size)
+        for got, ref in zip(batched, want):
+            np.testing.assert_allclose(got.progress_logits, ref.progress_logits, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(got.success_logits, ref.success_logits, atol=1e-5, rtol=0)
+    per_pass = -(-len(lists) // m.prefix.max_batch)
+    assert suffix_context.enqueued - before == 2 * per_pass and prefix_context.enqueued == 1
+    with pytest.raises(ValueError, match="outside the optimization profile"):
+        runtime.run_part(PART_LANGUAGE_SUFFIX, {**engine._split_inputs(TINY_INSTRUCTION, 2).suffix.as_feed(),
+                                                "visual_embeds": np.zeros((m.prefix.max_batch + 1, 6, 64), np.float32),
+                                                "deepstack_embeds": np.zeros((m.prefix.max_batch + 1, 1, 6, 64),
+                                                                             np.float32),
+                                                "past_keys": state.past_keys, "past_values": state.past_values})
+
+    # preference still runs its own plan, loaded on first use
+    pa = engine.preference(TINY_INSTRUCTION, [0, 1, 2], [3, 4, 5])
+    assert abs(pa - reference.preference(TINY_INSTRUCTION, [0, 1, 2], [3, 4, 5])) < 1e-5
+    assert PART_LANGUAGE_PREFERENCE in runtime._parts and PART_LANGUAGE not in runtime._parts
+
+    # dropping the prefix (its first frame forgotten) returns its block; the next episode computes its own
+    live = runtime._allocator.live_bytes
+    kv_block = state.past_keys.block.nbytes
+    del state, entry
+    engine.forget([0])
+    gc.collect()
+    assert engine.cached_prefixes() == [] and engine.prefix_cache_nbytes == 0
+    frame_block = engine._cache[1].visual.block.nbytes
+    assert runtime._allocator.live_bytes == live - kv_block - frame_block
+    next_episode = [[1, *ids[1:]] for ids in lists[-2:]]
+    for ids in next_episode:
+        reference_scores = reference.score(TINY_INSTRUCTION, ids)
+        np.testing.assert_allclose(engine.score(TINY_INSTRUCTION, ids).progress_logits,
+                                   reference_scores.progress_logits, atol=1e-5, rtol=0)
+    assert prefix_context.enqueued == 2 and engine.cached_prefixes() == [(TINY_INSTRUCTION, 1)]
+
+    # close: every device block and pinned buffer goes back to the (host stand-in) driver
+    engine.close()
+    reference.close()
+    gc.collect()
+    assert runtime._allocator.live_bytes == 0
+    assert not rt.blocks, f"{len(rt.blocks)} blocks still allocated after close"
+
+
+def test_prefix_plan_choice_and_honest_errors(bundle: Bundle, host_trt, caplog) -> None:
+    def start(**options):
+        return trt_runtime.TensorRTRuntime(bundle, cuda=CudaApi(HostCudart()), **options)
+
+    # a schema-2 bundle whose prefix plans were never built: the plain part, said in the log
+    add_host_plans(bundle, [PART_VISION, PART_LANGUAGE], KEY)
+    with caplog.at_level("WARNING", logger="robometer_ros.engine.trt_runtime"):
+        runtime = start()
+    assert not runtime.supports_prefix and runtime.preferred_suffix_batch is None
+    assert "no TensorRT plans for them: every step runs the plain language plan" in caplog.text
+    with pytest.raises(NotImplementedError, match="runs the plain language plan"):
+        runtime.run_prefix(None, None)
+    assert not RewardEngine(bundle, runtime=runtime).prefix_reuse
+    runtime.close()
+    with pytest.raises(NoEngineError, match="prefix_reuse=True but no current TensorRT plans"):
+        start(prefix_reuse=True)
+    # half a pair is an error naming the missing plan, not a silent fallback
+    add_host_plans(bundle, [PART_LANGUAGE_PREFIX], KEY)
+    with pytest.raises(NoEngineError, match=r"plan for language_prefix but none for language_suffix.*--parts "
+                                            r"language_suffix.*prefix_reuse=False"):
+        start()
+    plain = start(prefix_reuse=False)  # the escape hatch: the prefix plans are not even considered
+    assert not plain.supports_prefix and PART_LANGUAGE_PREFIX not in plain.parts
+    plain.close()
+    # prefix + suffix plans without the plain language plan are enough for the robot's steps
+    doc = json.loads(bundle.engine_index_path.read_text())
+    doc["engines"] = [e for e in doc["engines"] if e["part"] != PART_LANGUAGE]
+    bundle.engine_index_path.write_text(json.dumps(doc))
+    add_host_plans(bundle, [PART_LANGUAGE_SUFFIX], KEY)
+    runtime = start()
+    assert runtime.supports_prefix and PART_LANGUAGE not in runtime.parts
+    # a suffix plan built at another precision than the prefix's keys/values is refused at start
+    runtime._parts[PART_LANGUAGE_SUFFIX].dtypes["past_keys"] = "float16"
+    with pytest.raises(RuntimeStartError, match="language_prefix plan outputs past_keys as float32 but the "
+                                                "language_suffix plan takes float16"):
+        runtime._check_links(runtime._parts[PART_LANGUAGE_SUFFIX])
+    runtime.close()
+    with pytest.raises(NoEngineError, match="no current TensorRT plan for the plain language part"):
+        start(prefix_reuse=False)

@@ -4,8 +4,10 @@ They let ``TensorRTRuntime``'s own code run on a machine without a GPU: every al
 binding, shape query and enqueue it makes goes through these with the same call signatures and the same
 ``(err, value)`` result tuples, on real host memory. The "engine" runs the bundle's ONNX part in ONNX
 Runtime on whatever bytes are bound at its tensor addresses, so a wrong address, offset, dtype (an int32
-buffer where int64 is bound) or concatenation changes the scores. What they cannot show is CUDA or
-TensorRT behaviour itself: that is test/gpu/.
+buffer where int64 is bound) or concatenation changes the scores. Like a real plan, it refuses input
+shapes outside the optimization profile ``robometer-build-engines`` would build from the manifest
+(``tensorrt_build.axis_ranges``; fixed axes must match). What they cannot show is CUDA or TensorRT
+behaviour itself: that is test/gpu/.
 """
 
 from __future__ import annotations
@@ -136,8 +138,11 @@ class _Context:
         self.enqueued = 0
 
     def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(int(d) for d in shape)
-        return name in self.engine.inputs
+        shape = tuple(int(d) for d in shape)
+        if name not in self.engine.inputs or not self.engine.in_profile(name, shape):
+            return False  # TensorRT: an unknown input, or a shape outside the profile
+        self.shapes[name] = shape
+        return True
 
     def set_tensor_address(self, name, ptr):
         if ptr % 256:
@@ -170,7 +175,7 @@ class _Context:
 
 
 class _Engine:
-    def __init__(self, onnx_path: str) -> None:
+    def __init__(self, onnx_path: str, profile: dict[str, list[tuple[int, int]]] | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -181,6 +186,13 @@ class _Engine:
         self.dtypes = {t.name: _ORT_TO_TRT[t.type] for t in self.session.get_inputs() + self.session.get_outputs()}
         self.names = self.inputs + self.outputs
         self.contexts: list[_Context] = []
+        self.profile = profile or {}  # input -> (min, max) per axis
+
+    def in_profile(self, name: str, shape: tuple[int, ...]) -> bool:
+        bounds = self.profile.get(name)
+        if bounds is None:
+            return True
+        return len(shape) == len(bounds) and all(lo <= d <= hi for d, (lo, hi) in zip(shape, bounds))
 
     @property
     def num_io_tensors(self):
@@ -217,6 +229,18 @@ def add_host_plans(bundle: Any, parts: Any, key: Any) -> None:
                                           onnx_sha256=bundle.file_sha256(bundle.part(part).file), built_at=utc_now()))
 
 
+def _profile(bundle_root: Any, onnx_file: str) -> dict[str, list[tuple[int, int]]]:
+    """(min, max) per axis of every input of the part stored in ``onnx_file``, as the engine builder sets them."""
+    from robometer_ros.engine.bundle import Bundle
+    from robometer_ros.engine.tensorrt_build import axis_ranges
+
+    bundle = Bundle.open(bundle_root, verify_checksums=False)
+    part = next(name for name, spec in bundle.manifest.parts.items() if spec.file == onnx_file)
+    ranges = axis_ranges(bundle, part)
+    return {t.name: [(d, d) if isinstance(d, int) else (ranges[d][0], ranges[d][2]) for d in t.shape]
+            for t in bundle.part(part).inputs}
+
+
 def host_tensorrt(bundle_root: Any, version: str = "10.13.3") -> SimpleNamespace:
     """A module-like TensorRT whose Runtime turns a plan file's bytes b"onnx:<relpath>" into an ORT engine."""
 
@@ -228,7 +252,7 @@ def host_tensorrt(bundle_root: Any, version: str = "10.13.3") -> SimpleNamespace
             text = bytes(plan).decode(errors="replace")
             if not text.startswith("onnx:"):
                 return None  # TensorRT returns None for a plan it cannot read
-            return _Engine(str(bundle_root / text[5:]))
+            return _Engine(str(bundle_root / text[5:]), _profile(bundle_root, text[5:]))
 
     class Logger:
         WARNING = 2
