@@ -13,11 +13,17 @@ Two processes per scenario:
   ``ThreadLimits.apply_to_current_thread()`` (exactly the node's calls, see README "Scoring next to a
   control loop"). It reports its step rate and step time, so the cost of the limits shows too.
 
+With ``--scorer node`` the scoring process is the reward node itself (``python -m robometer_ros.reward_node``
+with ``scoring.intra_op_threads`` / ``scoring.cpu_affinity`` / ``scoring.nice`` set, every frame admitted) fed by
+a 30 Hz 320x240 camera from the benchmark's own process: the same limits through the node's parameters, with
+the node's executor, worker and DDS traffic on the CPUs too.
+
 Scenarios: control alone (the machine's own noise), scoring without limits (ONNX Runtime's default
 threads), then each limit alone and together. The table prints at the end.
 
     python benchmarks/bench_control_loop.py                       # mid model (4 layers x 512), 20 s each
     python benchmarks/bench_control_loop.py --config tiny --seconds 10
+    python benchmarks/bench_control_loop.py --scorer node         # the reward node under a 30 Hz camera
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # node_driver
 
 INSTRUCTION = "pick up the red block and put it in the bowl"
 
@@ -123,6 +131,56 @@ def run_scoring(bundle: str, threads: int, cpus: list[int], nice: int, ready_fil
             "applied": applied.describe() if applied else "no limits"}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_node_scoring(bundle: str, threads: int, cpus: list[int], nice: int, ready_file: str) -> dict:
+    """The reward node with the limits as its ``scoring.*`` parameters, fed by a 30 Hz camera until SIGTERM."""
+    import threading
+
+    from node_driver import NodeRun, work_dir
+
+    from robometer_ros.ros_graph import DomainLease
+
+    lease = DomainLease()
+    affinity = ",".join(str(c) for c in cpus)
+    params = {"frame_rate": 0.0, "scoring.intra_op_threads": threads, "scoring.nice": nice,
+              "scoring.cpu_affinity": f"'{affinity}'"}
+    run = NodeRun(Path(bundle), params, work=work_dir("bench_control_node_"), domain_id=lease.domain_id,
+                  backend="onnxruntime")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        run.start_instruction(INSTRUCTION)
+        def publish() -> None:
+            while not stop.is_set():
+                run.camera(320, 240, rate=30.0, seconds=0.5)
+
+        camera = threading.Thread(target=publish, daemon=True)
+        camera.start()
+        while not run.reward_times and not stop.is_set():
+            time.sleep(0.05)
+        node_cpu0, cpu0 = _cpu_seconds(run.proc.pid), time.process_time()
+        first = len(run.reward_times)
+        began = time.perf_counter()
+        Path(ready_file).write_text("ready")
+        stop.wait()
+        elapsed = time.perf_counter() - began
+        cpu_s = _cpu_seconds(run.proc.pid) - node_cpu0 + time.process_time() - cpu0
+        camera.join(5)
+        applied = re.search(r"scoring worker (thread \d+: .*)", run.log_path.read_text(errors="replace"))
+        return {"steps": len(run.reward_times) - first, "elapsed": elapsed, "cpu_s": cpu_s,
+                "step_s": [ms / 1e3 for ms in run.inference_ms[first:]],
+                "backend": run.diagnostics().get("backend", "?") + " (reward node)",
+                "applied": applied.group(1) if applied else "no limits"}
+    finally:
+        run.close()
+        lease.release()
+
+
 # ------------------------------------------------------------------------------------------- driver
 def _child(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
@@ -141,8 +199,9 @@ def scenario(name: str, bundle: str | None, limits: tuple[int, list[int], int] |
         ready = Path(tmp) / "ready"
         if limits is not None:
             threads, cpus, nice = limits
-            scorer = _child(["--role", "scoring", "--bundle", bundle, "--threads", str(threads),
-                             "--cpus", ",".join(str(c) for c in cpus), "--nice", str(nice), "--ready", str(ready)])
+            scorer = _child(["--role", "scoring", "--scorer", args.scorer, "--bundle", bundle,
+                             "--threads", str(threads), "--cpus", ",".join(str(c) for c in cpus),
+                             "--nice", str(nice), "--ready", str(ready)])
             while not ready.exists():
                 if scorer.poll() is not None:
                     raise SystemExit(f"{name}: the scoring process exited with {scorer.returncode}")
@@ -222,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", choices=("driver", "control", "scoring"), default="driver", help=argparse.SUPPRESS)
     p.add_argument("--config", choices=("tiny", "mid"), default="mid", help="random-weight model to export")
     p.add_argument("--bundle", help="an existing bundle instead of exporting --config")
+    p.add_argument("--scorer", choices=("engine", "node"), default="engine",
+                   help="engine: a RewardEngine scoring loop; node: the reward node under a 30 Hz camera")
     p.add_argument("--seconds", type=float, default=10.0, help="control-loop seconds per scenario and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds over all scenarios (interleaved)")
     p.add_argument("--hz", type=float, default=30.0)
@@ -241,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.role == "scoring":
         cpus = [int(c) for c in args.cpus.split(",") if c]
-        print(json.dumps(run_scoring(args.bundle, args.threads, cpus, args.nice, args.ready)))
+        run = run_node_scoring if args.scorer == "node" else run_scoring
+        print(json.dumps(run(args.bundle, args.threads, cpus, args.nice, args.ready)))
         return 0
 
     iterations = calibrate(args.work_ms)

@@ -112,7 +112,7 @@ def search(episodes: Sequence[ScoredEpisode], objective: Objective, start: Monit
         changed = False
         for name in _GRID:
             current = getattr(config, name)
-            values = candidates(name, config, median)
+            values = sorted(set(candidates(name, config, median)) | {current})  # the start value competes too
             keys = {value: best if value == current else
                     objective.score(judge(episodes, replace(config, **{name: value}))) for value in values}
             top = max(keys.values(), default=best)
@@ -120,7 +120,7 @@ def search(episodes: Sequence[ScoredEpisode], objective: Objective, start: Monit
                 continue
             # Of the values that do equally well, the middle one: the widest margin to the data on both sides.
             tied = [value for value in values if keys[value] == top]
-            choice = current if top == best and current in tied and len(tied) == 1 else tied[len(tied) // 2]
+            choice = tied[len(tied) // 2]
             if choice != current:
                 config, best, changed = replace(config, **{name: choice}), top, True
         if log:
