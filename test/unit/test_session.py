@@ -252,3 +252,24 @@ def test_parameters_round_trip_through_flat_node_names() -> None:
     assert SessionConfig.from_parameters({"monitor.success_steps": 3.0, "frame_rate": 4}).monitor.success_steps == 3
     with pytest.raises(ValueError, match="reward_mode"):
         SessionConfig.from_parameters({"reward_mode": "dense"})
+
+
+def test_replay_on_a_real_bundle_batched_equals_one_step_at_a_time(tiny_bundle) -> None:
+    """The tiny bundle (prefix parts, ONNX Runtime): score_batch in the replay gives the one-at-a-time scores."""
+    from fixtures_bundle import TINY_INSTRUCTION
+    from robometer_ros.engine.reward_engine import RewardEngine
+
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(30)]
+    stamps = [T0 + i * NS // 10 for i in range(30)]
+    config = SessionConfig(frame_rate=0.0, max_frames_per_episode=16)
+    engine = RewardEngine(tiny_bundle.path, backend="onnxruntime", verify_checksums=False)
+    assert engine.prefix_reuse
+    batched = replay(ScoringSession(engine, config), TINY_INSTRUCTION, stamps, frames, batch_size=16)
+    single = replay(ScoringSession(engine, config), TINY_INSTRUCTION, stamps, frames, batch_size=1)
+    assert len(batched.steps) == len(single.steps) == 30 and len(engine) == 0
+    for a, b in zip(batched.steps, single.steps):
+        assert a.frame_stamps_ns == b.frame_stamps_ns
+        np.testing.assert_allclose(a.frame_progress, b.frame_progress, atol=1e-6)
+        np.testing.assert_allclose(a.frame_success_probability, b.frame_success_probability, atol=1e-6)
+    engine.close()
