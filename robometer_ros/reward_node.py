@@ -554,6 +554,8 @@ class RewardNode(LifecycleNode):
 
     def _publish_change(self, change: EpisodeChange, note: str = "") -> None:
         """An episode boundary: the final steps and verdict of the old episode, its end, the new one."""
+        for kept in change.kept:  # the last frame, admitted at the end to be scored
+            self._record(lambda rec, m=kept: rec.record_image(m))
         for step in change.final_steps:
             self._publish_step(step)
         ended, started = change.ended, change.started

@@ -216,6 +216,7 @@ class EpisodeChange:
         started: the new episode.
         reason: why, e.g. "new instruction", "reset", "end_episode", "camera time jumped back 12.0 s".
         was_failed: the ended episode had a failure raised at its end (a latched flag to clear).
+        kept: the ``keep`` of the frame ``end`` admitted to score the episode's last frame (the node records it).
     """
 
     ended: EpisodeSnapshot | None
@@ -225,6 +226,7 @@ class EpisodeChange:
     started: EpisodeSnapshot | None
     reason: str
     was_failed: bool = False
+    kept: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -276,8 +278,8 @@ class _Episode:
     previous_progress: float | None = None
     progress: float = math.nan
     success_probability: float = math.nan
-    # the newest frame the admission rate dropped (stamp, camera frame id, source): end() scores it
-    tail: tuple[int, str, ImageSource] | None = None
+    # the newest frame the admission rate dropped (stamp, camera frame id, source, keep): end() scores it
+    tail: tuple[int, str, ImageSource, Any] | None = None
     # frames of a time jump not yet confirmed: (stamp, camera frame id, image, keep)
     jump: list[tuple[int, str, np.ndarray, Any]] = field(default_factory=list)
 
@@ -421,7 +423,7 @@ class ScoringSession:
                 episode = self._episode
                 if episode is None:
                     raise LookupError("no episode: no instruction received yet")
-                self._admit_tail_locked(episode)
+                kept = self._admit_tail_locked(episode)
                 job = self._score_job_locked(episode, force=True)
             final: tuple[StepResult, ...] = ()
             if job is not None:
@@ -432,13 +434,13 @@ class ScoringSession:
                 final = (result,) if result is not None else ()
             with self._lock:
                 if self._episode is not episode:  # ended meanwhile by another call
-                    return EpisodeChange(None, final, (), "", None, reason)
+                    return EpisodeChange(None, final, (), "", None, reason, kept=kept)
                 stamp_ns = max(episode.scored_stamp_ns, episode.store.newest_stamp_ns or 0)
                 events = tuple(episode.monitor.end(stamp_ns / NS_PER_S, outcome))
                 change = self._close_locked(episode, outcome, reason, final, events)
                 started = self._open_locked(episode.instruction) if restart else None
                 self._flush_forgets_locked()
-                return replace(change, started=started)
+                return replace(change, started=started, kept=kept)
 
     # ------------------------------------------------------------------ frames
     def offer(self, stamp_ns: int, camera_frame_id: str, image: ImageSource, keep: Any = None) -> Offer:
@@ -451,7 +453,7 @@ class ScoringSession:
         """
         with self._lock:
             self.received += 1
-            verdict = self._classify_locked(int(stamp_ns), camera_frame_id, image)
+            verdict = self._classify_locked(int(stamp_ns), camera_frame_id, image, keep)
             if isinstance(verdict, Offer):
                 return verdict
         try:
@@ -473,7 +475,7 @@ class ScoringSession:
                 return admitted
             return Offer(True, kept=(keep,))
 
-    def _classify_locked(self, stamp_ns: int, camera_frame_id: str, image: ImageSource) -> Offer | str:
+    def _classify_locked(self, stamp_ns: int, camera_frame_id: str, image: ImageSource, keep: Any) -> Offer | str:
         """Drop a frame by its stamp before anybody decodes it, or say "admit" / "jump"."""
         if stamp_ns < 0:
             self.dropped["bad_stamp"] += 1
@@ -497,7 +499,7 @@ class ScoringSession:
         reason = _DROP_REASONS[status]
         self.dropped[reason] += 1
         if status is AdmissionStatus.DROPPED_RATE:
-            episode.tail = (stamp_ns, camera_frame_id, image)
+            episode.tail = (stamp_ns, camera_frame_id, image, keep)
         return Offer(False, reason)
 
     def _admit_locked(self, episode: _Episode, stamp_ns: int, camera_frame_id: str, image: np.ndarray,
@@ -543,21 +545,24 @@ class ScoringSession:
                 kept.append(kept_obj)
         return Offer(True, kept=tuple(kept), change=change)
 
-    def _admit_tail_locked(self, episode: _Episode) -> None:
-        """Admit the newest rate-dropped frame (decoding it now) so that the episode's end gets scored."""
+    def _admit_tail_locked(self, episode: _Episode) -> tuple[Any, ...]:
+        """Admit the newest rate-dropped frame (decoding it now) so that the episode's end gets scored; its
+        ``keep`` (empty when there was none to admit)."""
         tail, episode.tail = episode.tail, None
         if tail is None:
-            return
-        stamp_ns, camera_frame_id, source = tail
+            return ()
+        stamp_ns, camera_frame_id, source, keep = tail
         newest = episode.store.newest_stamp_ns
         if newest is not None and stamp_ns <= newest:
-            return
+            return ()
         try:
             image = _as_rgb(source() if callable(source) else source)
         except Exception:  # it was never checked: a frame that cannot be decoded is simply not the end
-            return
-        if self._admit_locked(episode, stamp_ns, camera_frame_id, image, ignore_rate=True).admitted:
-            self._uncount("rate", 1)  # it was counted as dropped when it arrived; now it is admitted
+            return ()
+        if not self._admit_locked(episode, stamp_ns, camera_frame_id, image, ignore_rate=True).admitted:
+            return ()
+        self._uncount("rate", 1)  # it was counted as dropped when it arrived; now it is admitted
+        return (keep,)
 
     def _uncount(self, reason: str, count: int) -> None:
         self.dropped[reason] -= count

@@ -105,12 +105,13 @@ def test_the_end_scores_the_last_frame_even_when_the_admission_rate_dropped_it()
     stamps = [T0 + i * NS // 10 for i in range(23)]  # 10 Hz camera, 2 Hz admission
     steps = []
     for i, t in enumerate(stamps):
-        s.offer(t, "cam", lambda i=i: frame(i / 22, 0.9 if i == 22 else 0.0))  # decoded only when admitted
+        s.offer(t, "cam", lambda i=i: frame(i / 22, 0.9 if i == 22 else 0.0), keep=i)  # decoded when admitted
         steps += drain(s)
     assert steps[-1].stamp_ns < stamps[-1]  # the rate dropped the last frame
     change = s.end(Outcome.SUCCESS)
     (final,) = change.final_steps
     assert final.stamp_ns == stamps[-1] and final.success_probability == pytest.approx(0.9, abs=0.01)
+    assert change.kept == (22,)  # the node records the frame it scored at the end
     # the end frame counts as admitted, not dropped
     assert s.counters()["frames_dropped.rate"] == 23 - len(steps) - 1 and change.ended.frames == len(steps) + 1
     assert change.started is not None and change.started.episode_id != change.ended.episode_id
