@@ -71,7 +71,8 @@ class RewardWrapper(gymnasium.Wrapper):
         render_every: score every n-th step (1 = every step); the last step of an episode is always scored.
         frame: returns the current uint8 RGB camera frame [H, W, 3] of the env (default ``env.render()``).
         config: the session's settings (default ``default_session_config``); its reward_mode is replaced by
-            ``reward_mode``.
+            ``reward_mode``. The monitor's times are simulated seconds: a Meta-World episode lasts at most
+            6.25 s, shorter than the node's default ``stall_timeout_s``.
         dt: simulated seconds per step (default the env's ``dt``, else 1 / ``metadata["render_fps"]``).
         camera_frame_id: the frame id the session records for the camera.
     """
@@ -99,7 +100,9 @@ class RewardWrapper(gymnasium.Wrapper):
         if not math.isfinite(self.dt) or self.dt <= 0:
             raise ValueError(f"dt must be a positive number of seconds, got {self.dt!r}")
         base = config or default_session_config(int(engine.num_frames), reward_mode)
-        self.session = ScoringSession(engine, replace(base, reward_mode=reward_mode))
+        # Frames render_every steps apart must not look like a camera time jump to the session.
+        jump_s = max(base.max_stamp_jump_s, 2.0 * render_every * self.dt)
+        self.session = ScoringSession(engine, replace(base, reward_mode=reward_mode, max_stamp_jump_s=jump_s))
         self.session.check_instruction(instruction)
         self.camera_frame_id = camera_frame_id
         self._steps = 0

@@ -93,6 +93,17 @@ def test_progress_delta_sums_to_the_rise_and_render_every_scores_the_last_step()
     env.close()
 
 
+def test_sparse_scoring_is_not_taken_for_a_camera_time_jump() -> None:
+    """Frames 30 simulated seconds apart (beyond the node's max_stamp_jump_s) are still one episode's frames."""
+    env = RewardWrapper(RampEnv(600), ScriptedRewardEngine(num_frames=4), "ramp up", render_every=300)
+    info, steps = _episode(env)
+    scored = [(i["robometer"]["step"], i["robometer"]["stamp_s"]) for _, i in steps if i["robometer"]["scored"]]
+    assert scored == [(1, 30.0), (2, 60.0)]
+    assert steps[-1][1]["robometer"]["episode_id"] == info["robometer"]["episode_id"]
+    assert env.session.counters()["frames_dropped"] == 0
+    env.close()
+
+
 def test_success_mode_and_unscored_steps_repeat_the_last_value() -> None:
     env = RewardWrapper(RampEnv(6), ScriptedRewardEngine(num_frames=4), "ramp up", reward_mode="success",
                         render_every=2)
