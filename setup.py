@@ -36,7 +36,7 @@ setup(
             "pyarrow",
             "av",
         ],
-        "sim": ["metaworld==3.1.1", "mujoco==3.3.0", "packaging", "imageio"],
+        "sim": ["metaworld==3.1.1", "mujoco==3.3.0", "packaging", "imageio", "gymnasium"],
         "tensorrt": ["tensorrt"],
     },
     entry_points={
@@ -45,6 +45,7 @@ setup(
             "robometer-train = robometer_ros.training.trainer:main",
             "robometer-eval = robometer_ros.training.evaluate:main",
             "robometer-score = robometer_ros.training.score:main",
+            "robometer-filter-bc = robometer_ros.training.filtering:main",
             "robometer-export = robometer_ros.training.export:main",
             "robometer-build-engines = robometer_ros.engine.tensorrt_build:main",
         ],
