@@ -900,9 +900,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     about = {"path": str(args.bundle), "id": getattr(engine, "model_id", "checkpoint"),
              "backend": getattr(engine, "backend_name", "torch")}
+    from robometer_ros.training.data import DatasetError
+
     try:
         report = run_experiment(config, engine, session_config, args.out, args.pool, not args.no_progress, about)
-    except ValueError as error:
+    except (DatasetError, ValueError) as error:
         print(f"robometer-filter-bc: {error}", file=sys.stderr)
         return 2
     print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
