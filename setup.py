@@ -38,7 +38,7 @@ setup(
             "av",
             "mcap>=1.6",
         ],
-        "sim": ["metaworld==3.1.1", "mujoco==3.3.0", "packaging", "imageio"],
+        "sim": ["metaworld==3.1.1", "mujoco==3.3.0", "packaging", "imageio", "gymnasium"],
         "tensorrt": ["tensorrt"],
     },
     entry_points={
@@ -48,6 +48,7 @@ setup(
             "robometer-eval = robometer_ros.training.evaluate:main",
             "robometer-score = robometer_ros.training.score:main",
             "robometer-calibrate = robometer_ros.training.calibrate:main",
+            "robometer-filter-bc = robometer_ros.training.filtering:main",
             "robometer-export = robometer_ros.training.export:main",
             "robometer-build-engines = robometer_ros.engine.tensorrt_build:main",
         ],

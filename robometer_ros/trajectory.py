@@ -18,6 +18,7 @@ QUALITY_LABELS = (FAILURE, SUBOPTIMAL, SUCCESSFUL)  # worst to best: the gold ra
 # target (the pair sampler leaves these out) and left out of every label-based metric.
 UNKNOWN = "unknown"
 LABELS = (*QUALITY_LABELS, UNKNOWN)  # every value Trajectory.quality_label may take
+FRAME_STEPS = "frame_steps"  # Trajectory.step_data key: the control step of each frame
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Trajectory:
         embodiment: robot type where known.
         episode_id: unique id within its dataset.
         metadata: anything else an importer knows (task name, seed, generator kind, ...), JSON-serialisable.
+        step_data: low-dimensional arrays per control step where known (e.g. a simulator's ``observations``
+            [S + 1, D] and ``actions`` [S, A]), each with its own first axis; the key ``frame_steps`` is
+            special: int [T], the control step each frame shows, and is restricted with the frames.
     """
 
     instruction: str
@@ -47,6 +51,7 @@ class Trajectory:
     embodiment: str | None = None
     episode_id: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    step_data: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.frames = np.asarray(self.frames)
@@ -69,6 +74,20 @@ class Trajectory:
                 raise ValueError(f"progress has shape {list(self.progress.shape)}, expected [{len(self.frames)}]")
         if not self.instruction.strip():
             raise ValueError(f"trajectory {self.episode_id!r} has an empty instruction")
+        self.step_data = {name: np.asarray(value) for name, value in self.step_data.items()}
+        for name, value in self.step_data.items():
+            if not name.isidentifier():
+                raise ValueError(f"step_data name {name!r} is not an identifier")
+            if value.ndim == 0 or value.dtype == object:
+                raise ValueError(f"step_data {name!r} must be a numeric array with a step axis, got "
+                                 f"{value.dtype} {list(value.shape)}")
+        frame_steps = self.step_data.get(FRAME_STEPS)
+        if frame_steps is not None:
+            if frame_steps.shape != (len(self.frames),) or not np.issubdtype(frame_steps.dtype, np.integer):
+                raise ValueError(f"step_data {FRAME_STEPS!r} must be int [{len(self.frames)}] (one control step "
+                                 f"per frame), got {frame_steps.dtype} {list(frame_steps.shape)}")
+            if len(frame_steps) and frame_steps.min() < 0:
+                raise ValueError(f"step_data {FRAME_STEPS!r} must be non-negative")
 
     def __len__(self) -> int:
         return len(self.frames)

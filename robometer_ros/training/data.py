@@ -7,6 +7,12 @@ Layout of a dataset directory::
     shard-00000/000000.npz  one file per episode; shards hold `shard_size` episodes each
     shard-00001/...
 
+An episode file holds the frames (see the codecs), ``frame_stamps``, ``progress`` where known, and the
+trajectory's low-dimensional ``step_data`` arrays where it has any, as ``step.<name>`` (e.g. a simulator's
+per-control-step ``step.observations`` / ``step.actions`` and ``step.frame_steps``, the control step of each
+frame). The index lists them with their shapes (``step_data``); an index line without that key (every dataset
+written before it existed) has none, so old datasets open unchanged.
+
 Opening a dataset reads only dataset.json and index.jsonl, so counting, filtering and building the
 index maps the samplers need (by task, by quality label, by data source) never touches frames. Frames
 are decoded when asked for, and with the per-frame codecs (png, jpeg) only the frames asked for.
@@ -35,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from robometer_ros.trajectory import LABELS, Trajectory
+from robometer_ros.trajectory import FRAME_STEPS, LABELS, Trajectory
 
 FORMAT_NAME = "robometer-trajectories"
 FORMAT_VERSION = 1
@@ -102,6 +108,7 @@ class EpisodeMeta:
         has_progress: whether a per-frame progress array is stored.
         file: episode file path relative to the dataset directory.
         metadata: the Trajectory's metadata dict.
+        step_data: name -> shape of each stored step_data array (empty: none stored).
     """
 
     index: int
@@ -116,12 +123,15 @@ class EpisodeMeta:
     has_progress: bool
     file: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    step_data: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """One index.jsonl line (the index position is implied by the line number)."""
         record = asdict(self)
         del record["index"]
         record["frame_shape"] = list(self.frame_shape)
+        if not self.step_data:
+            del record["step_data"]  # lines without step data stay as they were before the field existed
         return json.dumps(record, sort_keys=True)
 
     @classmethod
@@ -147,6 +157,20 @@ def _encode_frames(frames: np.ndarray, codec: str) -> dict[str, np.ndarray]:
         blobs.append(buffer.getvalue())
     offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
     return {"frame_bytes": np.frombuffer(b"".join(blobs), dtype=np.uint8), "frame_offsets": offsets}
+
+
+STEP_DATA_PREFIX = "step."  # episode-file key prefix of Trajectory.step_data arrays
+
+
+def _step_data_shapes(step_data: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    return {name: [int(n) for n in np.shape(value)] for name, value in step_data.items()}
+
+
+def _select_step_data(step_data: dict[str, np.ndarray], frame_indices: Sequence[int] | None) -> dict[str, np.ndarray]:
+    """Step data of an episode restricted to some frames: only the per-frame ``frame_steps`` changes."""
+    if frame_indices is None or FRAME_STEPS not in step_data:
+        return step_data
+    return {**step_data, FRAME_STEPS: step_data[FRAME_STEPS][np.asarray(frame_indices, dtype=np.int64)]}
 
 
 def _decode_frame(blob: bytes, where: str) -> np.ndarray:
@@ -235,6 +259,8 @@ class DatasetWriter:
         arrays["frame_stamps"] = trajectory.frame_stamps
         if trajectory.progress is not None:
             arrays["progress"] = trajectory.progress
+        for name, value in trajectory.step_data.items():
+            arrays[STEP_DATA_PREFIX + name] = value
         temporary = path.with_suffix(".tmp.npz")
         if self.frame_codec == "npz":
             np.savez_compressed(temporary, **arrays)
@@ -254,6 +280,7 @@ class DatasetWriter:
             has_progress=trajectory.progress is not None,
             file=relative,
             metadata=dict(trajectory.metadata),
+            step_data=_step_data_shapes(trajectory.step_data),
         )
         self._metas.append(meta)
         self._ids.add(episode_id)
@@ -303,7 +330,12 @@ class TrajectoryCollection:
         for position in range(len(self)):
             yield self.trajectory(position)
 
-    def _load(self, position: int, frame_indices: Sequence[int] | None) -> dict[str, np.ndarray | None]:
+    def _load(self, position: int, frame_indices: Sequence[int] | None) -> dict[str, Any]:
+        """frames, frame_stamps, progress (None if not stored) and step_data (a dict) of one episode."""
+        raise NotImplementedError
+
+    def _load_step_data(self, position: int) -> dict[str, np.ndarray]:
+        """The episode's step_data arrays alone (no frame is decoded)."""
         raise NotImplementedError
 
     def _check_position(self, position: int) -> int:
@@ -316,6 +348,14 @@ class TrajectoryCollection:
         repeats allowed)."""
         position = self._check_position(position)
         return self._load(position, frame_indices)["frames"]
+
+    def step_data(self, position: int) -> dict[str, np.ndarray]:
+        """The episode's low-dimensional step_data arrays (e.g. ``observations``, ``actions``,
+        ``frame_steps``), without decoding any frame; empty when none were stored."""
+        position = self._check_position(position)
+        if not self.metas[position].step_data:
+            return {}
+        return self._load_step_data(position)
 
     def trajectory(self, position: int, frame_indices: Sequence[int] | None = None) -> Trajectory:
         """The episode at `position` as a Trajectory (restricted to `frame_indices` if given)."""
@@ -333,6 +373,7 @@ class TrajectoryCollection:
             embodiment=meta.embodiment,
             episode_id=meta.episode_id,
             metadata=dict(meta.metadata),
+            step_data=arrays["step_data"],
         )
 
     def select(self, positions: Iterable[int]) -> Subset:
@@ -433,7 +474,22 @@ class Dataset(TrajectoryCollection):
     def __repr__(self) -> str:
         return f"Dataset({str(self.directory)!r}, episodes={len(self)}, codec={self.frame_codec!r})"
 
-    def _load(self, position: int, frame_indices: Sequence[int] | None) -> dict[str, np.ndarray | None]:
+    def _read_step_data(self, archive: Any, meta: EpisodeMeta, path: Path) -> dict[str, np.ndarray]:
+        missing = [name for name in meta.step_data if STEP_DATA_PREFIX + name not in archive.files]
+        if missing:
+            raise DatasetError(f"{path}: episode {meta.episode_id!r} lacks the step_data {missing} its index lists")
+        return {name: archive[STEP_DATA_PREFIX + name] for name in meta.step_data}
+
+    def _load_step_data(self, position: int) -> dict[str, np.ndarray]:
+        meta = self.metas[position]
+        path = self.directory / meta.file
+        try:
+            with np.load(path) as archive:
+                return self._read_step_data(archive, meta, path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise DatasetError(f"{path}: cannot read episode {meta.episode_id!r}: {error}") from error
+
+    def _load(self, position: int, frame_indices: Sequence[int] | None) -> dict[str, Any]:
         meta = self.metas[position]
         path = self.directory / meta.file
         if frame_indices is not None:
@@ -445,6 +501,7 @@ class Dataset(TrajectoryCollection):
             with np.load(path) as archive:
                 stamps = archive["frame_stamps"]
                 progress = archive["progress"] if "progress" in archive.files else None
+                step_data = self._read_step_data(archive, meta, path)
                 if self.frame_codec == "npz":
                     frames = archive["frames"]
                     if frame_indices is not None:
@@ -465,7 +522,8 @@ class Dataset(TrajectoryCollection):
         if frame_indices is not None:
             stamps = stamps[frame_indices]
             progress = None if progress is None else progress[frame_indices]
-        return {"frames": frames, "frame_stamps": stamps, "progress": progress}
+        return {"frames": frames, "frame_stamps": stamps, "progress": progress,
+                "step_data": _select_step_data(step_data, frame_indices)}
 
 
 class InMemoryDataset(TrajectoryCollection):
@@ -487,20 +545,25 @@ class InMemoryDataset(TrajectoryCollection):
                 has_progress=t.progress is not None,
                 file="",
                 metadata=dict(t.metadata),
+                step_data=_step_data_shapes(t.step_data),
             )
             for i, t in enumerate(self._trajectories)
         ]
 
-    def _load(self, position: int, frame_indices: Sequence[int] | None) -> dict[str, np.ndarray | None]:
+    def _load_step_data(self, position: int) -> dict[str, np.ndarray]:
+        return dict(self._trajectories[position].step_data)
+
+    def _load(self, position: int, frame_indices: Sequence[int] | None) -> dict[str, Any]:
         trajectory = self._trajectories[position]
         if frame_indices is None:
             return {"frames": trajectory.frames, "frame_stamps": trajectory.frame_stamps,
-                    "progress": trajectory.progress}
+                    "progress": trajectory.progress, "step_data": dict(trajectory.step_data)}
         selection = np.asarray([int(i) for i in frame_indices], dtype=np.int64)
         return {
             "frames": trajectory.frames[selection],
             "frame_stamps": trajectory.frame_stamps[selection],
             "progress": None if trajectory.progress is None else trajectory.progress[selection],
+            "step_data": _select_step_data(dict(trajectory.step_data), selection),
         }
 
 
@@ -512,8 +575,11 @@ class Subset(TrajectoryCollection):
         self.positions = list(positions)
         self.metas = [_reindexed(parent.metas[p], i) for i, p in enumerate(self.positions)]
 
-    def _load(self, position: int, frame_indices: Sequence[int] | None) -> dict[str, np.ndarray | None]:
+    def _load(self, position: int, frame_indices: Sequence[int] | None) -> dict[str, Any]:
         return self.parent._load(self.positions[position], frame_indices)
+
+    def _load_step_data(self, position: int) -> dict[str, np.ndarray]:
+        return self.parent._load_step_data(self.positions[position])
 
 
 def _reindexed(meta: EpisodeMeta, index: int) -> EpisodeMeta:
@@ -620,6 +686,7 @@ def summarize(collection: TrajectoryCollection) -> dict[str, Any]:
         "frame_shapes": dict(sorted(shapes.items())),
         "with_partial_success": sum(meta.partial_success is not None for meta in collection.metas),
         "with_progress": sum(meta.has_progress for meta in collection.metas),
+        "with_step_data": sum(bool(meta.step_data) for meta in collection.metas),
         "by_split": dict(sorted(Counter(str(m.metadata["split"]) for m in collection.metas
                                         if "split" in m.metadata).items())),
     }

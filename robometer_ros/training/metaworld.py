@@ -135,6 +135,9 @@ class RenderSettings:
         slow_factor: a success is "successful" when its first-success step is at most this times the
             expert's in the same scene, "suboptimal" when later.
         failure_horizon_factor: stall and wrong-policy episodes run this times the expert's length at most.
+        step_data: also store every control step's observation and action in the trajectory's
+            ``step_data`` (``observations`` [S + 1, 39], ``actions`` [S, 4], ``frame_steps`` [F]); the
+            frames, labels and metadata are the same either way.
     """
 
     frames: int = 32
@@ -143,6 +146,7 @@ class RenderSettings:
     post_success_steps: int = 10
     slow_factor: float = 1.2
     failure_horizon_factor: float = 2.0
+    step_data: bool = False
 
     def __post_init__(self) -> None:
         if self.frames < 2:
@@ -263,6 +267,10 @@ class Rollout:
     success: np.ndarray  # bool [steps + 1], per step (step 0 = reset state, never a success)
     in_place: np.ndarray  # float [steps + 1], Meta-World's in_place_reward (a state-based progress proxy)
     dt: float
+    # float32 [steps + 1, 39]: the observation before each step's action (the last one after the final step)
+    observations: np.ndarray | None = None
+    # float32 [steps, 4]: the action applied at each step (noise included), clipped to [-1, 1] as the env does
+    actions: np.ndarray | None = None
 
 
 class TaskScene:
@@ -325,6 +333,8 @@ class TaskScene:
         states = np.empty((horizon + 1, self._state_size))
         mujoco.mj_getState(env.model, env.data, states[0], self._state_spec)
         success = [False]
+        observations = [np.asarray(obs, dtype=np.float32)]
+        actions: list[np.ndarray] = []
         in_place: list[float] = []
         first_success: int | None = None
         hold_gripper = 0.0
@@ -341,6 +351,8 @@ class TaskScene:
                 else:
                     hold_gripper = float(action[3])
             obs, _, _, truncated, info = env.step(action)
+            actions.append(np.clip(action, -1.0, 1.0).astype(np.float32))  # what the simulator applies
+            observations.append(np.asarray(obs, dtype=np.float32))
             steps = step + 1
             mujoco.mj_getState(env.model, env.data, states[steps], self._state_spec)
             success.append(bool(info["success"]))
@@ -367,7 +379,13 @@ class TaskScene:
             success=np.array(success, dtype=bool),
             in_place=in_place_array,
             dt=float(env.dt),
+            observations=np.stack(observations),
+            actions=np.stack(actions) if actions else np.zeros((0, 4), np.float32),
         )
+
+    def render(self) -> np.ndarray:
+        """The camera frame of the scene's current state (upright uint8 RGB [size, size, 3])."""
+        return self._render()
 
     def _render(self) -> np.ndarray:
         # Make this scene's context current: another scene created or freed in this process may have
@@ -404,6 +422,10 @@ def to_trajectory(
     """Label a rollout by its success signal and wrap it as a Trajectory."""
     label = quality_label(rollout.first_success_step, reference_first_success_step, settings.slow_factor)
     progress, progress_source = frame_progress(rollout)
+    step_data: dict[str, np.ndarray] = {}
+    if settings.step_data and rollout.observations is not None and rollout.actions is not None:
+        step_data = {"observations": rollout.observations, "actions": rollout.actions,
+                     "frame_steps": rollout.frame_steps.astype(np.int64)}
     return Trajectory(
         instruction=instruction_for(task),
         frames=rollout.frames,
@@ -432,6 +454,7 @@ def to_trajectory(
             "control_dt": rollout.dt,
             "generator_version": GENERATOR_VERSION,
         },
+        step_data=step_data,
     )
 
 
@@ -544,6 +567,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slow-factor", type=float, default=1.2,
                         help="a success slower than this times the expert's is labelled suboptimal")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (each builds its own envs)")
+    parser.add_argument("--observations-actions", action="store_true",
+                        help="also store every control step's observation (39-d simulator state) and action "
+                             "(step.observations / step.actions, with step.frame_steps: the step of each frame)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -555,7 +581,8 @@ def run(args: argparse.Namespace) -> int:
     from robometer_ros.training.data import DEFAULT_SHARD_SIZE, DatasetWriter
 
     settings = RenderSettings(
-        frames=args.frames, size=args.size, camera=args.camera, slow_factor=args.slow_factor
+        frames=args.frames, size=args.size, camera=args.camera, slow_factor=args.slow_factor,
+        step_data=getattr(args, "observations_actions", False),
     )
     counts: dict[str, dict[str, int]] = {}
     writer = DatasetWriter(

@@ -203,6 +203,70 @@ def test_summary_counts() -> None:
     assert summary["frame_shapes"] == {"12x16x3": 2}
 
 
+def _step_data(n_frames: int, steps: int = 11) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(steps)
+    return {
+        "observations": rng.normal(size=(steps + 1, 5)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, size=(steps, 2)).astype(np.float32),
+        "frame_steps": np.rint(np.linspace(0, steps, n_frames)).astype(np.int64),
+    }
+
+
+@pytest.mark.parametrize("codec", ["png", "npz"])
+def test_step_data_round_trip_and_frame_selection(tmp_path: Path, codec: str) -> None:
+    with_steps = _trajectory(0, n=6, step_data=_step_data(6))
+    without = _trajectory(1, n=4)
+    dataset = write_dataset(tmp_path / "ds", [with_steps, without], frame_codec=codec)
+    assert dataset.metas[0].step_data == {"observations": [12, 5], "actions": [11, 2], "frame_steps": [6]}
+    assert dataset.metas[1].step_data == {}
+    loaded = dataset.trajectory(0)
+    assert sorted(loaded.step_data) == ["actions", "frame_steps", "observations"]
+    for name, value in with_steps.step_data.items():
+        np.testing.assert_array_equal(loaded.step_data[name], value)
+        np.testing.assert_array_equal(dataset.step_data(0)[name], value)
+        assert loaded.step_data[name].dtype == value.dtype
+    np.testing.assert_array_equal(loaded.frames, with_steps.frames)  # frames unaffected
+    assert dataset.trajectory(1).step_data == {} and dataset.step_data(1) == {}
+    # a frame subset keeps every control step and the frame -> step map of the frames kept
+    part = dataset.trajectory(0, [5, 0, 3])
+    np.testing.assert_array_equal(part.step_data["frame_steps"], with_steps.step_data["frame_steps"][[5, 0, 3]])
+    np.testing.assert_array_equal(part.step_data["actions"], with_steps.step_data["actions"])
+    subset = dataset.select([1, 0])
+    np.testing.assert_array_equal(subset.step_data(1)["observations"], with_steps.step_data["observations"])
+    in_memory = InMemoryDataset([with_steps])
+    np.testing.assert_array_equal(in_memory.trajectory(0, [1]).step_data["frame_steps"],
+                                  with_steps.step_data["frame_steps"][[1]])
+    assert summarize(dataset)["with_step_data"] == 1
+
+
+def test_datasets_without_step_data_keep_their_index_lines(tmp_path: Path) -> None:
+    """An episode without step data writes the index line it wrote before the field existed, so datasets of
+    either age open with both old and new code; an index naming an array its file lacks is an error."""
+    dataset = write_dataset(tmp_path / "ds", [_trajectory(0), _trajectory(1, step_data=_step_data(6))])
+    lines = [json.loads(line) for line in (tmp_path / "ds" / "index.jsonl").read_text().splitlines()]
+    assert "step_data" not in lines[0] and "step_data" in lines[1]
+    old_keys = {"episode_id", "instruction", "quality_label", "partial_success", "data_source", "embodiment",
+                "n_frames", "frame_shape", "has_progress", "file", "metadata"}
+    assert set(lines[0]) == old_keys
+    lines[1]["step_data"]["velocities"] = [3]
+    (tmp_path / "ds" / "index.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    reopened = Dataset(dataset.directory)
+    assert reopened.trajectory(0).step_data == {}
+    with pytest.raises(DatasetError, match="velocities"):
+        reopened.step_data(1)
+
+
+def test_step_data_is_checked() -> None:
+    with pytest.raises(ValueError, match="frame_steps"):
+        _trajectory(0, n=6, step_data={"frame_steps": np.arange(5)})
+    with pytest.raises(ValueError, match="frame_steps"):
+        _trajectory(0, n=3, step_data={"frame_steps": np.array([0, -2, 1])})
+    with pytest.raises(ValueError, match="identifier"):
+        _trajectory(0, step_data={"step.actions": np.zeros(3)})
+    with pytest.raises(ValueError, match="numeric array"):
+        _trajectory(0, step_data={"actions": np.float32(1.0)})
+
+
 # --------------------------------------------------------------------------- RBM-1M / Hugging Face rows
 
 

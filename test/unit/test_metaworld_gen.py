@@ -90,6 +90,52 @@ def test_same_seed_same_episodes_other_seed_other_scenes(dataset: Dataset) -> No
     assert not np.array_equal(other.frames, first[0].frames)
 
 
+def test_observations_and_actions_are_stored_without_changing_the_episode(
+    dataset: Dataset, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """--observations-actions adds each control step's observation and action; frames, labels and metadata
+    stay those of the same episode generated without it, and the actions replayed in the scene give back the
+    stored observations and the recorded first success."""
+    out = tmp_path_factory.mktemp("mw_steps") / "ds"
+    argv = ["from-metaworld", "--tasks", "drawer-close-v3", "--episodes-per-task", "1", "--seed", "0",
+            "--out", str(out), "--frames", str(SETTINGS.frames), "--size", str(SETTINGS.size), "--codec", "png",
+            "--no-progress", "--observations-actions"]
+    assert dataset_cli.main(argv) == 0
+    with_steps = Dataset(out)
+    plain = [p for p in range(len(dataset)) if dataset.metas[p].metadata["task"] == "drawer-close-v3"
+             and dataset.metas[p].metadata["slot"] == 0]
+    assert len(with_steps) == len(plain) == 3
+    scene = mw.TaskScene("drawer-close-v3", 0, SETTINGS)
+    try:
+        for position, reference in zip(range(len(with_steps)), plain):
+            trajectory, expected = with_steps.trajectory(position), dataset.trajectory(reference)
+            np.testing.assert_array_equal(trajectory.frames, expected.frames)
+            np.testing.assert_array_equal(trajectory.progress, expected.progress)
+            assert trajectory.quality_label == expected.quality_label
+            assert trajectory.metadata == expected.metadata
+            assert expected.step_data == {}
+            meta = trajectory.metadata
+            steps = trajectory.step_data
+            assert steps["observations"].shape == (meta["steps"] + 1, 39)
+            assert steps["actions"].shape == (meta["steps"], 4)
+            assert steps["observations"].dtype == steps["actions"].dtype == np.float32
+            np.testing.assert_array_equal(steps["frame_steps"], meta["frame_steps"])
+            assert np.abs(steps["actions"]).max() <= 1.0
+            np.testing.assert_array_equal(with_steps.step_data(position)["actions"], steps["actions"])
+            # the stored observation is what the policy saw; its action, applied, gives the next one
+            obs = scene.reset(meta["config_index"])
+            np.testing.assert_array_equal(obs.astype(np.float32), steps["observations"][0])
+            first_success = None
+            for step, action in enumerate(steps["actions"], start=1):
+                obs, _, _, _, info = scene.env.step(action.astype(np.float64))
+                np.testing.assert_allclose(obs, steps["observations"][step], atol=1e-6)
+                if first_success is None and info["success"]:
+                    first_success = step
+            assert first_success == meta["first_success_step"]
+    finally:
+        scene.close()
+
+
 def test_label_comes_from_success_not_from_behaviour() -> None:
     """A wrong policy that happens to solve the task is not a failure; a stall that never does is."""
     scene = mw.TaskScene("reach-v3", 0, SETTINGS)
