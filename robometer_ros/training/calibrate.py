@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from robometer_ros.monitor import MonitorConfig
+from robometer_ros.training.evaluate import json_ready
 from robometer_ros.training.verdicts import (
     RULE,
     ScoredEpisode,
@@ -284,7 +285,7 @@ def report(calibration: Calibration, episodes: Sequence[ScoredEpisode], settings
                    for label in sorted({e.quality_label for e in episodes})},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(_finite(record), indent=1) + "\n")
+    (out_dir / "report.json").write_text(json.dumps(json_ready(record), indent=1) + "\n")
     lines = ["# robometer-calibrate report", "", f"Rule: {RULE}.", "",
              f"- {format_figures('before (thresholds given)', detection_figures(calibration.before))}",
              f"- {format_figures('after, cross-validated', detection_figures(cv), bootstrap_intervals(cv))}",
@@ -296,16 +297,6 @@ def report(calibration: Calibration, episodes: Sequence[ScoredEpisode], settings
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     plot_curves(cv, calibration.config, out_dir / "curves.png")
     return record
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- CLI

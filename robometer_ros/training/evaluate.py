@@ -426,18 +426,18 @@ def evaluate_preferences(
     return results
 
 
-def _finite(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """NaN / inf -> None, recursively (strict JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, np.generic):
-        return _finite(value.item())
+        return json_ready(value.item())
     if isinstance(value, np.ndarray):
-        return _finite(value.tolist())
+        return json_ready(value.tolist())
     return value
 
 
@@ -480,7 +480,7 @@ def evaluate_collection(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         record = {
-            "settings": _finite({
+            "settings": json_ready({
                 **(settings or {}),
                 "num_frames": predictor.num_frames,
                 "trajectories": len(episodes),
@@ -492,9 +492,9 @@ def evaluate_collection(
                 "max_pairs": options.max_pairs,
                 "seed": options.seed,
             }),
-            "metrics": _finite(metrics),
+            "metrics": json_ready(metrics),
             "episodes": [
-                _finite({
+                json_ready({
                     "episode_id": s.episode_id,
                     "instruction": s.instruction,
                     "data_source": s.data_source,
@@ -508,7 +508,7 @@ def evaluate_collection(
                 for s, progress, success in scored
             ],
             "node_verdicts": [
-                _finite({"episode_id": v.episode.episode_id, "quality_label": v.episode.quality_label,
+                json_ready({"episode_id": v.episode.episode_id, "quality_label": v.episode.quality_label,
                          "predicted_failure": v.predicted_failure, "first_alarm_reason": v.first_alarm_reason,
                          "first_alarm_s": v.first_alarm_s, "delay_s": v.delay_s, "end_verdict": v.end_verdict,
                          "steps": len(v.episode.step_scores)})
