@@ -315,6 +315,9 @@ class EvalOptions:
         session: the node's settings to replay every episode with (the node's verdicts); None skips them.
         frame_transform: applied to every episode's frames before scoring (e.g. JpegTransport: the camera's
             compressed transport); None = the stored frames.
+        rephrase: (stored instruction, key) -> the wording the model is given (e.g. a held-out phrasing of the
+            episode's task; key = the episode id, or a pair's number); metrics still group episodes by the
+            stored instruction. None = the stored instruction.
         num_plots: episodes drawn as PNG progress curves.
         batch_size: trajectories per scoring call.
         seed: pair selection and side randomisation.
@@ -326,6 +329,7 @@ class EvalOptions:
     failure_rule: FailureRule = field(default_factory=FailureRule)
     session: SessionConfig | None = None
     frame_transform: Callable[[np.ndarray], np.ndarray] | None = None
+    rephrase: Callable[[str, str], str] | None = None
     num_plots: int = 6
     batch_size: int = 8
     seed: int = 0
@@ -337,11 +341,15 @@ def _evenly(count: int, limit: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, count - 1, limit).round()})
 
 
-def _transformed(item: Any, options: EvalOptions) -> Any:
-    """A sample or trajectory with ``options.frame_transform`` applied to its frames (a copy)."""
-    if options.frame_transform is None:
-        return item
-    return dataclasses.replace(item, frames=options.frame_transform(np.asarray(item.frames)))
+def _transformed(item: Any, options: EvalOptions, key: str | None = None) -> Any:
+    """What the model is shown of a sample or trajectory: its frames through ``options.frame_transform`` and
+    its instruction through ``options.rephrase`` (key: the episode id unless given); a copy, or the item."""
+    changes: dict[str, Any] = {}
+    if options.frame_transform is not None:
+        changes["frames"] = options.frame_transform(np.asarray(item.frames))
+    if options.rephrase is not None:
+        changes["instruction"] = options.rephrase(item.instruction, item.episode_id if key is None else key)
+    return dataclasses.replace(item, **changes) if changes else item
 
 
 def score_trajectories(
@@ -355,8 +363,9 @@ def score_trajectories(
     positions = _evenly(len(collection), options.max_trajectories)
     results = []
     for start in range(0, len(positions), options.batch_size):
-        samples = [_transformed(sampler[p], options) for p in positions[start : start + options.batch_size]]
-        scored = predictor.score([s.instruction for s in samples], [s.frames for s in samples])
+        samples = [sampler[p] for p in positions[start : start + options.batch_size]]
+        shown = [_transformed(s, options) for s in samples]
+        scored = predictor.score([s.instruction for s in shown], [s.frames for s in shown])
         results += [(s, prog, succ) for s, (prog, succ) in zip(samples, scored)]
     return results
 
@@ -415,11 +424,11 @@ def evaluate_preferences(
         chunk = pairs[start : start + options.batch_size]
         labels = sides[start : start + options.batch_size]
         a_frames, b_frames, instructions = [], [], []
-        for (_, better, worse, task, _), label in zip(chunk, labels):
+        for number, ((_, better, worse, task, _), label) in enumerate(zip(chunk, labels), start=start):
             first, second = (better, worse) if label == 1 else (worse, better)
             a_frames.append(_transformed(sampler[first], options).frames)
             b_frames.append(_transformed(sampler[second], options).frames)
-            instructions.append(task)
+            instructions.append(options.rephrase(task, f"pair{number}") if options.rephrase else task)
         probabilities = predictor.preference(instructions, a_frames, b_frames)
         for (kind, _, _, _, source), label, probability in zip(chunk, labels, probabilities):
             results.append(PreferenceResult(source, float(probability), int(label), kind))

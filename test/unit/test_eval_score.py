@@ -211,3 +211,23 @@ def test_jpeg_transport_is_what_the_node_decodes_from_a_compressed_camera(collec
     error = np.abs(sent.astype(int) - frames.astype(int))
     assert 0 < error.mean() < 3  # lossy, but the scene is intact
     assert np.abs(JpegTransport(quality=20)(frames).astype(int) - frames.astype(int)).mean() > error.mean()
+
+
+def test_rephrased_instructions_reach_the_model_and_metrics_still_group_by_task(
+        collection: InMemoryDataset) -> None:
+    seen: list[str] = []
+
+    class Recording(OraclePredictor):
+        def score(self, instructions, frames):
+            seen.extend(instructions)
+            return super().score(instructions, frames)
+
+    reworded = EvalOptions(max_pairs=6, num_plots=0, rephrase=lambda text, key: text.replace("push the", "move that"))
+    metrics = evaluate_collection(Recording(), collection, reworded)["overall"]
+    assert seen and all(text.startswith("move that") for text in seen)
+    assert metrics["ranking_tasks"] == 3 and metrics["voc"] > 0.95  # same task, other words: same scores
+    from robometer_ros.training.evaluate import score_trajectories as eval_scores
+
+    swapped = EvalOptions(max_pairs=0, num_plots=0, rephrase=lambda text, key: text.replace("red", "blue"))
+    for sample, progress, _ in eval_scores(OraclePredictor(), collection, swapped):  # the words matter
+        assert (np.max(progress) == 0.0) == (" red " in sample.instruction)  # the stored instruction is kept
