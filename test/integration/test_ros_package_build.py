@@ -1,7 +1,9 @@
-"""The package builds as a ROS 2 workspace package would (colcon runs the same CMake steps).
+"""`colcon build` of the package in a workspace, as on a robot, and the installed package works on its own.
 
 The sources are copied out of the repository first, like `ws/src/robometer_ros`: the developer venv
-lives inside the repository, and CMake refuses exported include paths inside the source tree.
+lives inside the repository, and CMake refuses exported include paths inside the source tree. The venv is
+the ROS prefix colcon builds against (AMENT_PREFIX_PATH / CMAKE_PREFIX_PATH), as /opt/ros/<distro> is on
+a robot.
 """
 
 from __future__ import annotations
@@ -28,18 +30,17 @@ def _copy_sources(dest: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cmake_build_installs_a_complete_ros_package(tmp_path: Path):
-    src, build, prefix = tmp_path / "src" / "robometer_ros", tmp_path / "build", tmp_path / "install"
+def test_colcon_build_installs_a_complete_ros_package(tmp_path: Path):
+    src = tmp_path / "src" / "robometer_ros"
     _copy_sources(src)
-    env = {**os.environ, "AMENT_PREFIX_PATH": str(VENV)}
-    for cmd in (
-        ["cmake", "-S", src, "-B", build, f"-DCMAKE_INSTALL_PREFIX={prefix}", f"-DCMAKE_PREFIX_PATH={VENV}",
-         f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF"],
-        ["cmake", "--build", build, "-j2"],
-        ["cmake", "--install", build],
-    ):
-        done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"{cmd[:2]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    env = {**os.environ, "AMENT_PREFIX_PATH": str(VENV), "CMAKE_PREFIX_PATH": str(VENV),
+           "PATH": os.pathsep.join([str(VENV / "bin"), os.environ.get("PATH", "")])}
+    cmd = [str(VENV / "bin" / "colcon"), "build", "--packages-select", "robometer_ros", "--event-handlers",
+           "console_cohesion+", "--cmake-args", f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, f"colcon build failed:\n{done.stdout[-4000:]}\n{done.stderr[-3000:]}"
+    assert "Summary: 1 package finished" in done.stdout
+    prefix = tmp_path / "install" / "robometer_ros"  # colcon's isolated install layout
 
     share = prefix / "share" / "robometer_ros"
     site = prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
@@ -58,7 +59,8 @@ def test_cmake_build_installs_a_complete_ros_package(tmp_path: Path):
     check = (
         "import robometer_ros, robometer_ros.msg as m, robometer_ros.reward_node;"
         "from robometer_ros.srv import EndEpisode;"
-        "print(robometer_ros.__file__, m.StepReward().reward_mode, EndEpisode.Request.OUTCOME_FAILURE)"
+        "from robometer_ros.node_parameters import default_parameters_file as f;"
+        "print(robometer_ros.__file__, m.StepReward().reward_mode, EndEpisode.Request.OUTCOME_FAILURE, f())"
     )
     # Prepend, like `source install/setup.bash`: this process already carries the venv's library path.
     library_path = os.pathsep.join(p for p in (str(prefix / "lib"), os.environ.get("LD_LIBRARY_PATH", "")) if p)
@@ -67,4 +69,6 @@ def test_cmake_build_installs_a_complete_ros_package(tmp_path: Path):
     done = subprocess.run([sys.executable, "-c", check], env=run_env, cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert str(site) in done.stdout and done.stdout.split()[1:] == ["0", "2"]
+    assert str(site) in done.stdout and done.stdout.split()[1:3] == ["0", "2"]
+    # the tools find the node's parameters in the install's share/ (robometer-eval --params-file default)
+    assert done.stdout.split()[3] == str(share / "config" / "reward_node.yaml")
