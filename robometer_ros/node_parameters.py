@@ -158,7 +158,59 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               low=0.1, high=3600.0),
 )
 SPECS = {spec.name: spec for spec in PARAMETERS}
-assert set(SessionConfig.parameter_names()) <= set(SPECS), "every session setting is a node parameter"
+SESSION_PARAMETERS = frozenset(SessionConfig.parameter_names())
+assert SESSION_PARAMETERS.issubset(SPECS), "every session setting is a node parameter"
+UNCONFIGURED = "unconfigured"  # the lifecycle state in which AT_CONFIGURE parameters may change
+
+
+def check_change(changes: Mapping[str, Any], lifecycle_state: str, current: Mapping[str, Any]) -> str:
+    """Why the node refuses a parameter change, or "" when it takes it.
+
+    Args:
+        changes: the new values by parameter name (names the table does not know are not judged here).
+        lifecycle_state: the node's state ("unconfigured", "inactive", "active", ...).
+        current: the node's current values of (at least) the session parameters; the session settings the
+            change would give are built from these with ``changes`` on top, so a change that is only invalid
+            together with another setting (a release threshold above the success threshold) is refused too.
+    """
+    session_values: dict[str, Any] = {}
+    for name, value in changes.items():
+        spec = SPECS.get(name)
+        if spec is None:
+            continue
+        if spec.when == AT_CONFIGURE and lifecycle_state != UNCONFIGURED:
+            return (f"{name} is applied at configure; the node is {lifecycle_state}: deactivate and clean it up, "
+                    f"set {name}, then configure again")
+        if spec.choices and value not in spec.choices:
+            return f"{name} must be one of {', '.join(spec.choices)}, got {value!r}"
+        if name in SESSION_PARAMETERS:
+            session_values[name] = value
+    if session_values:
+        try:
+            SessionConfig.from_parameters({**current, **session_values})
+        except (ValueError, TypeError) as err:
+            return str(err)
+    return ""
+
+
+def check_configuration(values: Mapping[str, Any]) -> SessionConfig:
+    """The session settings a node configures with these parameter values (missing names take the table's
+    defaults), after the checks configure makes: choices, a bundle and a camera topic set.
+
+    Raises:
+        ValueError: naming the first wrong parameter.
+    """
+    for spec in PARAMETERS:
+        value = values.get(spec.name, spec.default)
+        if spec.choices and value not in spec.choices:
+            raise ValueError(f"parameter {spec.name} must be one of {', '.join(spec.choices)}, got {value!r}")
+    for name, what in (("bundle", "the exported bundle directory"), ("image_topic", "the camera topic")):
+        if not str(values.get(name, SPECS[name].default)).strip():
+            raise ValueError(f"parameter {name} is empty: set it to {what}")
+    try:
+        return SessionConfig.from_parameters(values)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"session parameters: {err}") from err
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -27,7 +27,7 @@ import gc
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import rclpy
@@ -55,7 +55,7 @@ from robometer_ros.health import CameraGraph, HealthInputs, NodeHealth
 from robometer_ros.images import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
 from robometer_ros.monitor import Event, EventKind, Outcome, Severity
 from robometer_ros.msg import EpisodeStatus, FailureFlag, StepReward
-from robometer_ros.node_parameters import AT_CONFIGURE, PARAMETERS, SPECS
+from robometer_ros.node_parameters import PARAMETERS, SESSION_PARAMETERS, SPECS, check_change, check_configuration
 from robometer_ros.session import EpisodeChange, EpisodeSnapshot, ScoringSession, SessionConfig, StepResult
 from robometer_ros.srv import EndEpisode
 from robometer_ros.trigger import TriggerCaller
@@ -145,71 +145,42 @@ class RewardNode(LifecycleNode):
     def _param(self, name: str) -> Any:
         return self.get_parameter(name).value
 
+    def _values(self, names: Iterable[str]) -> dict[str, Any]:
+        return {name: self._param(name) for name in names}
+
     def _session_config(self, overrides: dict[str, Any] | None = None) -> SessionConfig:
-        values = {name: self._param(name) for name in SessionConfig.parameter_names()}
-        return SessionConfig.from_parameters({**values, **(overrides or {})})
+        return SessionConfig.from_parameters({**self._values(SESSION_PARAMETERS), **(overrides or {})})
 
     def _validate_parameter_change(self, params: list[Parameter]) -> SetParametersResult:
-        """Refuse a change that is invalid, or that needs an unconfigured node, saying why."""
+        """Refuse a change that is invalid, or that needs an unconfigured node, saying why (the rules are
+        node_parameters.check_change)."""
         try:
-            result = self._check_parameter_change(params)
-            if result.successful and self._apply_on_check:
+            reason = check_change({p.name: p.value for p in params}, self._state, self._values(SESSION_PARAMETERS))
+            if not reason and self._apply_on_check:
                 self._apply_parameter_change(params)  # it reads the new values from ``params``
-            return result
+            return SetParametersResult(successful=not reason, reason=reason)
         except Exception as err:  # a refused change, never a dead node
             return SetParametersResult(successful=False, reason=f"{type(err).__name__}: {err}")
-
-    def _check_parameter_change(self, params: list[Parameter]) -> SetParametersResult:
-        session_values: dict[str, Any] = {}
-        for param in params:
-            spec = SPECS.get(param.name)
-            if spec is None:
-                continue
-            if spec.when == AT_CONFIGURE and self._state != "unconfigured":
-                return SetParametersResult(successful=False, reason=(
-                    f"{param.name} is applied at configure; the node is {self._state}: deactivate and clean it "
-                    f"up, set {param.name}, then configure again"))
-            if spec.choices and param.value not in spec.choices:
-                return SetParametersResult(successful=False, reason=(
-                    f"{param.name} must be one of {', '.join(spec.choices)}, got {param.value!r}"))
-            if param.name in SessionConfig.parameter_names():
-                session_values[param.name] = param.value
-        if session_values:
-            try:
-                self._session_config(session_values)
-            except (ValueError, TypeError) as err:
-                return SetParametersResult(successful=False, reason=str(err))
-        return SetParametersResult(successful=True)
 
     @guarded
     def _apply_parameter_change(self, params: list[Parameter]) -> None:
         """Live changes: session settings at once (admission from the next episode), a new instruction."""
         values = {p.name: p.value for p in params}
-        if self._session is not None and values.keys() & set(SessionConfig.parameter_names()):
+        if self._session is not None and values.keys() & SESSION_PARAMETERS:
             config = self._session_config(values)
             self._session.configure(config)
             self.get_logger().info(f"session settings now {config}")
         if values.get("instruction") and self._state == "active":
             self._set_instruction(str(values["instruction"]), "parameter instruction")
 
-    def _check_configuration(self) -> SessionConfig:
-        for spec in PARAMETERS:
-            if spec.choices and self._param(spec.name) not in spec.choices:
-                raise ConfigurationError(f"parameter {spec.name} must be one of {', '.join(spec.choices)}, "
-                                         f"got {self._param(spec.name)!r}")
-        for name, what in (("bundle", "the exported bundle directory"), ("image_topic", "the camera topic")):
-            if not str(self._param(name)).strip():
-                raise ConfigurationError(f"parameter {name} is empty: set it to {what}")
-        try:
-            return self._session_config()
-        except (ValueError, TypeError) as err:
-            raise ConfigurationError(f"session parameters: {err}") from err
-
     # ------------------------------------------------------------------------------------ lifecycle
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         """Validate parameters, load the engine and session, create publishers; FAILURE (stays unconfigured)."""
         try:
-            config = self._check_configuration()
+            try:
+                config = check_configuration(self._values(SPECS))
+            except ValueError as err:
+                raise ConfigurationError(str(err)) from err
             self._load_engine(config)
             self._open_recorder()
         except Exception as err:  # whatever it is, the node stays up, unconfigured, and says why
