@@ -358,7 +358,9 @@ class _BagReader:
                 episode.instruction = self._instruction_for(episode, frames, instructions, label)
             episode.source_frames = len(episode.frames)
             episode.frames = self._subsample(episode.frames, frames)
-            episode.metadata.update({"bag": str(self.bag), "image_topic": image_topic, "split": split,
+            # "episode_split", not "split": in a dataset "split" names the train / val split (open_split,
+            # robometer-eval --split), and an imported episode has none until `robometer-dataset split`.
+            episode.metadata.update({"bag": str(self.bag), "image_topic": image_topic, "episode_split": split,
                                      "source_frames": episode.source_frames})
         return image_topic, episodes
 

@@ -24,6 +24,8 @@ from robometer_ros.training.bags import (
 )
 from robometer_ros.training.data import Dataset, DatasetWriter
 from robometer_ros.training.dataset_cli import main as dataset_main
+from robometer_ros.training.evaluate import resolve_split
+from robometer_ros.training.trainer import open_split
 
 TS = make_typestore()
 T = TS.types
@@ -146,7 +148,8 @@ def test_node_bag_split_by_episode_ids(tmp_path: Path, storage: str) -> None:
     assert len(first) == 10 and len(second) == 6
     np.testing.assert_array_equal(first.frames[3], _frame(3))  # rgb8 bytes come through exactly
     np.testing.assert_allclose(first.frame_stamps, 1.0 + np.arange(10) / 10)
-    assert first.metadata["split"] == "episode_id" and first.metadata["image_topic"] == "/camera/image"
+    assert first.metadata["episode_split"] == "episode_id" and first.metadata["image_topic"] == "/camera/image"
+    assert "split" not in first.metadata  # no train / val split until `robometer-dataset split`
     assert report.frames_skipped["outside_episodes"] == 2  # the stray frames are counted, not lost
     assert report.episodes_written == 2 and report.frames_written == 16 and report.bags_read == 1
     assert report.labels == {"successful": 1, "failure": 1}
@@ -365,6 +368,11 @@ def test_import_into_dataset_and_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
     dataset = Dataset(tmp_path / "ds")
     assert len(dataset) == report.episodes_written == 2
     assert dataset.metas[1].data_source == "lab" and dataset.metas[1].embodiment == "so101"
+    # robometer-eval's default split on imported data: every episode (there is no val split yet), then val
+    # once `robometer-dataset split` made one
+    assert resolve_split(tmp_path / "ds", "auto") is None and len(open_split(tmp_path / "ds", None)) == 2
+    assert dataset_main(["split", str(tmp_path / "ds"), "--val-fraction", "0.5", "--by", "task"]) == 0
+    assert resolve_split(tmp_path / "ds", "auto") == "val" and len(open_split(tmp_path / "ds", "val")) == 1
 
     code = dataset_main([
         "from-bags", str(tmp_path / "bag"), "--out", str(tmp_path / "cli"), "--max-frames", "4",
