@@ -325,6 +325,14 @@ def test_details_never_contradict_their_thresholds() -> None:
     probability 0.68 < threshold 0.65" could not happen)."""
     import re
 
+    # "<value> < / >= <name>threshold <threshold>" (the end verdict), ">= <threshold> for ... (last <value>)"
+    # (a success) and "below <threshold> for ... (last <value>)" (a success lost)
+    patterns = (
+        (re.compile(r"(\d\.\d\d) (<|>=) \w*threshold (\d\.\d\d)"), lambda m: m.group(1, 2, 3)),
+        (re.compile(r">= (\d\.\d\d) for .*\(last (\d\.\d\d)\)"), lambda m: (m.group(2), ">=", m.group(1))),
+        (re.compile(r"below (\d\.\d\d) for .*\(last (\d\.\d\d)\)"), lambda m: (m.group(2), "<", m.group(1))),
+    )
+    checked = [0] * len(patterns)
     rng = np.random.default_rng(7)
     for _ in range(200):
         threshold = float(rng.uniform(0.3, 0.9))
@@ -336,8 +344,12 @@ def test_details_never_contradict_their_thresholds() -> None:
         events = [e for _, e in run(m, rng.uniform(0, 1, n), list(rng.uniform(0, 1, n)))]
         events += m.end(float(n))
         for event in events:
-            for value, op, threshold in re.findall(r"(\d\.\d\d) (<|>=) \w*threshold (\d\.\d\d)", event.detail):
-                assert (float(value) < float(threshold)) == (op == "<") or value == threshold, event.detail
+            for index, (pattern, parts) in enumerate(patterns):
+                for match in pattern.finditer(event.detail):
+                    value, op, limit = parts(match)
+                    checked[index] += 1
+                    assert (float(value) < float(limit)) == (op == "<") or value == limit, event.detail
+    assert min(checked) >= 10, checked  # every kind of detail was seen: the test cannot pass on no match
 
 
 def test_stall_grace_period_at_the_start() -> None:
