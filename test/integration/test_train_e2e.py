@@ -126,7 +126,7 @@ def test_train_eval_export_score(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(bundle_eval["node_verdicts"]) == TASKS * 3  # the eval replayed every episode through the session
 
     # --- calibrate the monitor on the labelled episodes: a parameters file the node loads (node test: see
-    # test_reward_node_config.py), cross-validated figures, the cached scores
+    # test_reward_node_faults.py::test_a_calibration_file_is_loaded_as_it_is), cross-validated figures, cached scores
     calibration = tmp_path / "calibration.yaml"
     assert calibrate_main([str(bundle_dir), "--dataset", str(data), "--split", "train", "--out", str(calibration),
                            "--folds", "2", "--backend", "onnxruntime"]) == 0
