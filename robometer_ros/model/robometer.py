@@ -21,6 +21,8 @@ Two ways to run it (docs/ARCHITECTURE.md "Model split"):
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +37,20 @@ from robometer_ros.model.config import RobometerConfig
 from robometer_ros.model.heads import expected_progress, prediction_head
 
 GridTHW = tuple[int, int, int]
+
+
+def _cache_keyword(function: Callable[..., Any]) -> str:
+    """The name under which ``function`` takes the key/value cache: ``cache`` (the pinned transformers 5.24) or
+    ``past_key_values`` (transformers up to at least 5.17, e.g. a GPU machine's preinstalled one).
+
+    The decoder layers take ``**kwargs``, so passing the wrong name would not fail: the prefix cache would be
+    silently ignored and prefix reuse would be wrong. Asking the signature keeps both versions exact.
+    """
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+#: create_causal_mask's cache argument in the installed transformers
+_MASK_CACHE_KW = _cache_keyword(create_causal_mask)
 
 
 def build_backbone_config(config: RobometerConfig, attn_implementation: str = "sdpa") -> Qwen3VLConfig:
@@ -217,10 +233,11 @@ class RobometerModel(nn.Module):
         mask = visual_mask.unsqueeze(-1)
         position_embeddings = language.rotary_emb(hidden, position_ids)
         num_deepstack = deepstack_embeds.shape[1 if batched else 0]
+        cache_kw = {_cache_keyword(type(language.layers[0]).forward): cache} if len(language.layers) else {}
         for layer_idx, layer in enumerate(language.layers):
             hidden = layer(
                 hidden, attention_mask=attention_mask, position_embeddings=position_embeddings, position_ids=None,
-                cache=cache,
+                **cache_kw,
             )
             if layer_idx < num_deepstack:
                 rows = deepstack_embeds[:, layer_idx] if batched else deepstack_embeds[layer_idx]
@@ -261,7 +278,8 @@ class RobometerModel(nn.Module):
         hidden = self._merge_visual(input_ids, visual_embeds, visual_index, visual_mask)
         # Same mask construction as Qwen3VLTextModel.forward (position_ids [3, B, L] => no text positions).
         causal_mask = create_causal_mask(
-            config=language.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=None
+            config=language.config, inputs_embeds=hidden, attention_mask=None, position_ids=None,
+            **{_MASK_CACHE_KW: None},
         )
         hidden = self._decode(hidden, position_ids, causal_mask, deepstack_embeds, visual_index, visual_mask)
 
@@ -299,7 +317,8 @@ class RobometerModel(nn.Module):
         language = self.model.language_model
         hidden = self._merge_visual(input_ids, visual_embeds, visual_index, visual_mask)
         causal_mask = create_causal_mask(
-            config=language.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=None
+            config=language.config, inputs_embeds=hidden, attention_mask=None, position_ids=None,
+            **{_MASK_CACHE_KW: None},
         )
         cache = _PrefixCache()
         hidden = self._decode(hidden, position_ids, causal_mask, deepstack_embeds, visual_index, visual_mask, cache)
