@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fixtures_bundle import TINY_FRAME_SIZE, TINY_INSTRUCTION, build_tiny_bundle, random_frames
+from fixtures_bundle import TINY_FRAME_SIZE, TINY_INSTRUCTION, build_mid_bundle, build_tiny_bundle, random_frames
 from robometer_ros.engine.bundle import ALL_PART_NAMES, Bundle, BundleError
 from robometer_ros.model.checkpoint import save_checkpoint
 from robometer_ros.model.prompt import PromptBuilder
@@ -259,3 +259,38 @@ def test_prefix_parts_equal_the_language_part_in_onnxruntime(tiny_bundle, num_fr
     for row, (plain_progress, plain_success) in enumerate(plain):
         np.testing.assert_allclose(np.concatenate([progress, suffix_progress[row]]), plain_progress, atol=ATOL, rtol=0)
         np.testing.assert_allclose(np.concatenate([success, suffix_success[row]]), plain_success, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def mid_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return build_mid_bundle(tmp_path_factory.mktemp("mid") / "bundle")
+
+
+@pytest.mark.slow
+def test_prefix_reuse_equals_the_plain_language_part_on_the_mid_config(mid_bundle: Bundle) -> None:
+    """The mid config in ONNX Runtime through the RewardEngine: language_prefix + language_suffix (one score per
+    step, and score_batch) == the plain language part over an episode's steps, <= 1e-5 (fp32). The tiny config
+    is covered by the test above and test_reward_engine; torch on both configs by test_model."""
+    from robometer_ros.engine.reward_engine import RewardEngine
+    from robometer_ros.episode import subsample_indices
+
+    def engine(prefix_reuse: bool) -> RewardEngine:
+        return RewardEngine(mid_bundle, backend="onnxruntime", providers=["CPUExecutionProvider"],
+                            intra_op_threads=1, prefix_reuse=prefix_reuse)
+
+    plain, reuse = engine(False), engine(True)
+    assert reuse.prefix_reuse and not plain.prefix_reuse
+    steps = 10
+    for i, image in enumerate(random_frames(steps, seed=4)):
+        plain.add_frame(i, image)
+        reuse.add_frame(i, image)
+    lists = [subsample_indices(t + 1, mid_bundle.manifest.num_frames) for t in range(1, steps)]
+    want = [plain.score(TINY_INSTRUCTION, ids) for ids in lists]
+    got = [reuse.score(TINY_INSTRUCTION, ids) for ids in lists]
+    batched = reuse.score_batch(TINY_INSTRUCTION, lists, batch_size=3)  # subsample_indices pads: one list length
+    assert reuse.cached_prefixes() == [(TINY_INSTRUCTION, 0)]
+    for a, ref in [*zip(got, want, strict=True), *zip(batched, want, strict=True)]:
+        np.testing.assert_allclose(a.progress_logits, ref.progress_logits, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(a.success_logits, ref.success_logits, atol=ATOL, rtol=0)
+    plain.close()
+    reuse.close()

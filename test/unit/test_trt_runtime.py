@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fixtures_bundle import TINY_INSTRUCTION, copy_bundle, random_frames
+from fixtures_bundle import TINY_INSTRUCTION, build_mid_bundle, copy_bundle, random_frames
 from robometer_ros.engine import cuda_rt, trt_runtime
 from robometer_ros.engine.bundle import (
     ALL_PART_NAMES,
@@ -103,6 +103,45 @@ def test_starting_without_a_driver_raises_a_clear_error_and_never_imports_torch(
         pytest.skip("this machine has a CUDA device")
     assert "NoDeviceError | the tensorrt backend needs a CUDA GPU: no CUDA driver is installed" in out.stdout
     assert "torch imported: False" in out.stdout
+
+
+def test_the_whole_tensorrt_path_runs_with_torch_unimportable(bundle: Bundle) -> None:
+    """backend=auto -> tensorrt, encode, prefix + suffix steps, score_batch, preference and close, in a process where
+    ``import torch`` fails: only CUDA and TensorRT themselves are the host stand-ins (what a GPU would run is
+    test/gpu). Catches a torch import anywhere on the robot's tensorrt path, not only at import time."""
+    add_host_plans(bundle, ALL_PART_NAMES, KEY)
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch (or of a torch submodule) now raises ImportError
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from robometer_ros.engine import cuda_rt, trt_runtime
+from robometer_ros.engine.reward_engine import RewardEngine
+from robometer_ros.engine.trt_common import GpuIdentity
+from robometer_ros.episode import subsample_indices
+from robometer_ros.session import ScoringSession  # noqa: F401 - the node's scoring layer imports too
+from pathlib import Path
+from trt_host_doubles import HostCudart, host_tensorrt
+trt = host_tensorrt(Path({str(bundle.root)!r}), {KEY.runtime_version!r})
+trt_runtime.import_tensorrt = lambda prefer=None: (trt, "tensorrt")
+trt_runtime.gpu_identity = lambda index=0: GpuIdentity({GPU.name!r}, {GPU.compute_capability!r})
+cuda_rt.load_cudart = HostCudart
+engine = RewardEngine({str(bundle.root)!r}, backend="auto")
+print("backend", engine.backend_name, engine.prefix_reuse)
+import numpy as np
+rng = np.random.default_rng(0)
+for i in range(6):
+    engine.add_frame(i, rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
+lists = [subsample_indices(t + 1, 8) for t in range(1, 6)]
+steps = [engine.score({TINY_INSTRUCTION!r}, ids) for ids in lists]
+batched = engine.score_batch({TINY_INSTRUCTION!r}, lists[-1:])
+engine.preference({TINY_INSTRUCTION!r}, [0, 1, 2], [3, 4, 5])
+engine.close()
+print("torch modules:", sorted(m for m, v in sys.modules.items() if m.split(".")[0] == "torch" and v is not None))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "backend tensorrt:fp32 True" in out.stdout
+    assert "torch modules: []" in out.stdout
 
 
 def test_real_cuda_calls_report_no_driver_through_the_error_tuple() -> None:
@@ -515,3 +554,46 @@ def test_prefix_plan_choice_and_honest_errors(bundle: Bundle, host_trt, caplog) 
     runtime.close()
     with pytest.raises(NoEngineError, match="no current TensorRT plan for the plain language part"):
         start(prefix_reuse=False)
+
+
+# ---- the mid config on the host-memory stand-ins ----------------------------------------------------
+@pytest.fixture(scope="module")
+def mid_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return build_mid_bundle(tmp_path_factory.mktemp("mid_trt") / "bundle")
+
+
+@pytest.mark.slow
+def test_mid_config_plans_score_like_the_plain_language_part(mid_bundle: Bundle, monkeypatch) -> None:
+    """The mid config (512 wide, 2 deepstack levels, so each frame's deepstack features concatenate and stack by
+    strided 2D copies, which the tiny model's single level never needs) through the TensorRT runtime on the
+    host stand-ins: the prefix + suffix plans (one score per step, and score_batch) and the plain language plan
+    equal ONNX Runtime's plain language part over an episode's steps, <= 1e-5 (fp32)."""
+    trt = host_tensorrt(mid_bundle.root, KEY.runtime_version)
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda prefer=None: (trt, "tensorrt"))
+    monkeypatch.setattr(trt_runtime, "gpu_identity", lambda index=0: GPU)
+    add_host_plans(mid_bundle, ALL_PART_NAMES, KEY)
+    m = mid_bundle.manifest
+    assert m.num_deepstack > 1
+    rt = HostCudart()
+    reuse = RewardEngine(mid_bundle, runtime=trt_runtime.TensorRTRuntime(mid_bundle, cuda=CudaApi(rt)))
+    plain = RewardEngine(mid_bundle, runtime=trt_runtime.TensorRTRuntime(mid_bundle, cuda=CudaApi(HostCudart()),
+                                                                         prefix_reuse=False))
+    reference = RewardEngine(mid_bundle, backend="onnxruntime", providers=["CPUExecutionProvider"],
+                             intra_op_threads=1, prefix_reuse=False)
+    assert reuse.prefix_reuse and not plain.prefix_reuse
+    steps = 11
+    for i, image in enumerate(random_frames(steps, seed=8)):
+        for engine in (reuse, plain, reference):
+            engine.add_frame(i, image)
+    lists = _episode_lists(steps, m.num_frames)
+    want = [reference.score(TINY_INSTRUCTION, ids) for ids in lists]
+    got = [*(reuse.score(TINY_INSTRUCTION, ids) for ids in lists),
+           *(plain.score(TINY_INSTRUCTION, ids) for ids in lists),
+           *reuse.score_batch(TINY_INSTRUCTION, lists, batch_size=len(lists))]  # one suffix call for the episode
+    for a, ref in zip(got, [*want, *want, *want], strict=True):
+        np.testing.assert_allclose(a.progress_logits, ref.progress_logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.success_logits, ref.success_logits, atol=1e-5, rtol=0)
+    assert "cudaMemcpy2DAsync" in rt.calls  # the strided copies really ran
+    assert reuse.runtime._parts[PART_LANGUAGE_PREFIX].context.enqueued == 1
+    for engine in (reuse, plain, reference):
+        engine.close()
