@@ -14,15 +14,19 @@ the newest frame are always among them):
 * ``cached``: preprocess + ``encode_frame`` for the new frame only (features cached by frame), then
   ``forward_language`` on the 8 cached frames;
 * ``cached+prefix``: as ``cached``, but the language part's key/value cache for the prompt prefix (chat
-  text + instruction + the first frame, identical at every step of the episode) is computed once per
-  episode and each step runs only the suffix (the other 7 frames, their prog tokens, the end of the
-  prompt) on top of it. This is done inside this script on the torch model (the decoder layers with a
-  small cache object: ``PrefixRecorder`` records each layer's keys/values during the prefix pass,
-  ``PrefixCache`` prepends them in the suffix pass, so nothing is appended in place and the step has
-  fixed shapes, which CUDA graphs need); it is not the exported prefix/suffix parts.
+  text + instruction + the first frame and its prog token, identical at every step of the episode) is
+  computed once per episode (``RobometerModel.forward_prefix``) and each step runs only the suffix (the
+  other 7 frames, their prog tokens, the end of the prompt) on top of it (``forward_suffix``): the code the
+  torch backend runs and the exported prefix/suffix parts are traced from, cut where
+  ``model.prompt.split_after_first_frame`` cuts. The first frame's heads come from the prefix pass.
 * ``+graph``: the same step with the vision and language calls captured once as CUDA graphs (static input
-  buffers; replayed each step). torch.compile is not used: its compile time for 36 layers would not fit
-  the 8-minute budget.
+  buffers; replayed each step; the prefix's keys/values are refreshed in place, never reallocated, so the
+  suffix graph keeps reading them). torch.compile is not used: its compile time for 36 layers would not
+  fit the 8-minute budget.
+* ``offline ...`` (offline scoring, as robometer-score replays an episode: every frame already encoded,
+  language work only): one ``forward_language`` per step, one ``forward_suffix`` per step, and one
+  ``forward_suffix`` for ``--batch`` steps at once (the suffix part's batch axis; per-step time = call
+  time / B).
 
 Each row checks itself against the reference: the max |diff| of the progress logits of the same step.
 
@@ -33,7 +37,6 @@ Each row checks itself against the reference: the max |diff| of the progress log
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from collections.abc import Callable
@@ -86,54 +89,6 @@ def build_model(args):
     return model, tok, shape
 
 
-class PrefixRecorder:
-    """Cache object for the prefix pass: keeps each layer's keys/values, attends over the prefix only."""
-
-    def __init__(self) -> None:
-        self.keys: dict[int, object] = {}
-        self.values: dict[int, object] = {}
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        self.keys[layer_idx], self.values[layer_idx] = key, value
-        return key, value
-
-
-class PrefixCache:
-    """Cache object for a suffix pass: the prefix's keys/values first, then the suffix's (no state kept)."""
-
-    def __init__(self, recorder: PrefixRecorder) -> None:
-        self.recorder = recorder
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        import torch
-
-        return (torch.cat([self.recorder.keys[layer_idx], key], dim=2),
-                torch.cat([self.recorder.values[layer_idx], value], dim=2))
-
-
-def _cache_kwarg(model) -> str:
-    """The decoder layers' cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    params = inspect.signature(model.model.language_model.layers[0].forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def run_language_span(model, ids, pos, visual, deepstack, vindex, vmask, mask, cache, cache_kw):
-    """The decoder over one span of the prompt (all of it, its prefix or its suffix); final-norm hidden."""
-    import torch
-
-    language = model.model.language_model
-    text = language.embed_tokens(ids)
-    hidden = torch.where(vmask.unsqueeze(-1), visual.index_select(0, vindex[0]).unsqueeze(0).to(text.dtype), text)
-    position_embeddings = language.rotary_emb(hidden, pos)
-    for i, layer in enumerate(language.layers):
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=None,
-                       **{cache_kw: cache})
-        if i < deepstack.shape[0]:
-            extra = deepstack[i].index_select(0, vindex[0]).unsqueeze(0).to(hidden.dtype)
-            hidden = hidden + torch.where(vmask.unsqueeze(-1), extra, torch.zeros_like(extra))
-    return language.norm(hidden)
-
-
 def capture(fn: Callable[[], object], device) -> tuple[Callable[[], object], str]:
     """A CUDA-graph replay of ``fn`` (its outputs are the graph's static outputs), or ``fn`` and why not."""
     import torch
@@ -169,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--frame-size", default="256x320")
     p.add_argument("--episode-frames", type=int, default=40, help="frames in the episode the steps come from")
+    p.add_argument("--batch", type=int, default=16,
+                   help="steps per forward_suffix call in the offline batched row (default 16: an exported "
+                        "bundle's max_batch)")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("fp32" if args.smoke else "bf16")
     steps = args.steps or (3 if args.smoke else 20)
@@ -176,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from robometer_ros.episode import subsample_indices
-    from robometer_ros.model.prompt import PromptBuilder
+    from robometer_ros.model.prompt import PromptBuilder, split_after_first_frame
     from robometer_ros.preprocess import FramePreprocessor
 
     device = torch.device(args.device)
@@ -211,19 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     grid_t, mm = dev(layout.image_grid_thw), dev(layout.mm_token_type_ids)
     seq = int(layout.input_ids.shape[1])
     tpf = model.tokens_per_frame(grid)
-    # the prefix: everything up to the first frame's last visual token (frame 0 is rows 0..tpf-1)
-    first_frame = np.nonzero(layout.visual_mask[0] & (layout.visual_index[0] < tpf))[0]
-    prefix = int(first_frame[-1]) + 1
+    # the prefix: the chat text, the instruction, the first frame and its prog token (what the exported
+    # language_prefix part and the torch backend's forward_prefix take); the suffix: the rest of the prompt
+    split = split_after_first_frame(layout)
+    prefix = int(split.prefix_input_ids.shape[1])
     suffix = seq - prefix
     print(f"prompt {seq} tokens ({k} frames x {tpf} visual tokens), prefix {prefix}, suffix {suffix}", flush=True)
-    cache_kw = _cache_kwarg(model)
-    full_mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None]
-    prefix_mask = full_mask[:, :, :prefix, :prefix].contiguous()
-    suffix_mask = full_mask[:, :, prefix:, :].contiguous()
+    p_ids, p_pos, p_vindex, p_vmask = (dev(a) for a in (split.prefix_input_ids, split.prefix_position_ids,
+                                                        split.prefix_visual_index, split.prefix_visual_mask))
+    s_ids, s_pos, s_vindex, s_vmask, s_prog = (dev(a) for a in (
+        split.suffix_input_ids, split.suffix_position_ids, split.suffix_visual_index, split.suffix_visual_mask,
+        split.suffix_prog_positions))
 
     # the steps: the last `steps` frames of the episode, after `warmup` untimed ones
     step_ts = list(range(args.episode_frames - steps - args.warmup, args.episode_frames))
     selections = {t: subsample_indices(t + 1, k) for t in step_ts}
+    assert all(sel[0] == 0 for sel in selections.values())  # the subsampling always keeps the first frame
 
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # frame -> (visual, deepstack)
 
@@ -235,39 +196,52 @@ def main(argv: list[str] | None = None) -> int:
         pixels = dev(np.concatenate([prep(frames[i]) for i in selections[t]]))
         return model.forward(ids, pixels, grid_t, mm, prog)["progress_logits"]
 
-    @torch.inference_mode()
-    def cached_step(t: int) -> torch.Tensor:
-        encode(t)
-        sel = selections[t]
+    def language(sel: list[int]) -> torch.Tensor:
         visual = torch.cat([cache[i][0] for i in sel])
         deep = torch.cat([cache[i][1] for i in sel], dim=1)
         return model.forward_language(ids, pos, visual, deep, vindex, vmask, prog)["progress_logits"]
 
-    recorder = PrefixRecorder()
+    @torch.inference_mode()
+    def cached_step(t: int) -> torch.Tensor:
+        encode(t)
+        return language(selections[t])
+
+    # the prefix pass's results live in these tensors for the whole run: a recomputed prefix is copied into
+    # them, so a CUDA graph captured on them keeps reading valid memory
+    prefix_state: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
     def compute_prefix() -> None:
         # frame 0 and the instruction are the same all episode: once per episode
         if 0 not in cache:
             encode(0)
-        visual, deep = cache[0]
-        run_language_span(model, ids[:, :prefix], pos[:, :, :prefix], visual, deep, vindex[:, :prefix],
-                          vmask[:, :prefix], prefix_mask, recorder, cache_kw)
+        out = model.forward_prefix(p_ids, p_pos, cache[0][0], cache[0][1], p_vindex, p_vmask)
+        for name in ("past_keys", "past_values", "progress_logits"):
+            if name in prefix_state:
+                prefix_state[name].copy_(out[name])
+            else:
+                prefix_state[name] = out[name].clone()
 
-    def suffix_heads(visual, deep):
-        hidden = run_language_span(model, ids[:, prefix:], pos[:, :, prefix:], visual, deep, vindex[:, prefix:],
-                                   vmask[:, prefix:], suffix_mask, PrefixCache(recorder), cache_kw)
-        return model.apply_heads(hidden[0].index_select(0, prog - prefix))[0]
+    def suffix_logits(visual: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        """forward_suffix for B prompts: visual [B, 7T, H], deep [B, k, 7T, H] -> progress logits [B, 7, bins]."""
+        return model.forward_suffix(s_ids, s_pos, visual, deep, s_vindex, s_vmask, s_prog,
+                                    prefix_state["past_keys"], prefix_state["past_values"])["progress_logits"]
+
+    def with_first(rest: torch.Tensor) -> torch.Tensor:
+        """The 8 frames' progress logits: the first frame's from the prefix pass, the others' from the suffix."""
+        return torch.cat([prefix_state["progress_logits"], rest])
+
+    def suffix_inputs(sels: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = torch.stack([torch.cat([cache[i][0] for i in sel[1:]]) for sel in sels])
+        deep = torch.stack([torch.cat([cache[i][1] for i in sel[1:]], dim=1) for sel in sels])
+        return visual, deep
 
     @torch.inference_mode()
     def prefix_step(t: int) -> torch.Tensor:
         encode(t)
-        sel = selections[t]
-        visual = torch.cat([cache[i][0] for i in sel])
-        deep = torch.cat([cache[i][1] for i in sel], dim=1)
-        return suffix_heads(visual, deep)
+        return with_first(suffix_logits(*suffix_inputs([selections[t]]))[0])
 
-    # graphs: static buffers for the new frame's pixels and the 8 frames' features
+    # graphs: static buffers for the new frame's pixels and the frames' features
     graph_fns: dict[str, Callable[[int], torch.Tensor]] = {}
     graph_note = "" if cuda else "CUDA only"
     if cuda:
@@ -276,26 +250,36 @@ def main(argv: list[str] | None = None) -> int:
             static_pixels = dev(prep(frames[0]))
             static_visual = torch.cat([cache[0][0]] * k)
             static_deep = torch.cat([cache[0][1]] * k, dim=1)
+            static_suffix_visual = torch.cat([cache[0][0]] * (k - 1))[None]
+            static_suffix_deep = torch.cat([cache[0][1]] * (k - 1), dim=1)[None]
             compute_prefix()
             vision_graph, why_v = capture(lambda: model.encode_frame(static_pixels, grid), device)
             lang_graph, why_l = capture(lambda: model.forward_language(
                 ids, pos, static_visual, static_deep, vindex, vmask, prog)["progress_logits"], device)
-            suffix_graph, why_s = capture(lambda: suffix_heads(static_visual, static_deep), device)
+            suffix_graph, why_s = capture(lambda: suffix_logits(static_suffix_visual, static_suffix_deep), device)
         graph_note = "; ".join(w for w in (why_v, why_l, why_s) if w)
 
-        def graph_step(language_graph):
-            @torch.inference_mode()
-            def step(t: int) -> torch.Tensor:
-                static_pixels.copy_(dev(prep(frames[t])))
-                visual, deep = vision_graph()
-                cache[t] = (visual.clone(), deep.clone())
-                sel = selections[t]
-                torch.cat([cache[i][0] for i in sel], out=static_visual)
-                torch.cat([cache[i][1] for i in sel], dim=1, out=static_deep)
-                return language_graph().clone()
-            return step
+        def graph_encode(t: int) -> list[int]:
+            static_pixels.copy_(dev(prep(frames[t])))
+            visual, deep = vision_graph()
+            cache[t] = (visual.clone(), deep.clone())
+            return selections[t]
 
-        graph_fns = {"cached+graph": graph_step(lang_graph), "cached+prefix+graph": graph_step(suffix_graph)}
+        @torch.inference_mode()
+        def cached_graph_step(t: int) -> torch.Tensor:
+            sel = graph_encode(t)
+            torch.cat([cache[i][0] for i in sel], out=static_visual)
+            torch.cat([cache[i][1] for i in sel], dim=1, out=static_deep)
+            return lang_graph().clone()
+
+        @torch.inference_mode()
+        def prefix_graph_step(t: int) -> torch.Tensor:
+            sel = graph_encode(t)
+            torch.cat([cache[i][0] for i in sel[1:]], out=static_suffix_visual[0])
+            torch.cat([cache[i][1] for i in sel[1:]], dim=1, out=static_suffix_deep[0])
+            return with_first(suffix_graph()[0])
+
+        graph_fns = {"cached+graph": cached_graph_step, "cached+prefix+graph": prefix_graph_step}
 
     methods: dict[str, Callable[[int], torch.Tensor]] = {"reference": reference_step, "cached": cached_step,
                                                          "cached+prefix": prefix_step, **graph_fns}
@@ -303,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         ref_logits = {t: reference_step(t).float().cpu() for t in step_ts}
     results = []
     prefix_s = None
+
+    def reset_peak() -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def read_peak(result: Result) -> None:
+        if cuda:
+            result.peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+
     for name, fn in methods.items():
         cache.clear()
         if name != "reference":  # the episode so far is cached (real memory, untimed); the reference keeps none
@@ -315,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             compute_prefix()
             sync()
             prefix_s = time.perf_counter() - t1
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak()
         result = Result(name, note=graph_note if "graph" in name else "")
         for j, t in enumerate(step_ts):
             sync()
@@ -326,10 +318,54 @@ def main(argv: list[str] | None = None) -> int:
             if j >= args.warmup:
                 result.times.append(time.perf_counter() - start)
             result.max_diff = max(result.max_diff, float((logits.float().cpu() - ref_logits[t]).abs().max()))
-        if cuda:
-            result.peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        read_peak(result)
         results.append(result)
         print(f"  {name}: median {np.median(result.times) * 1e3:.2f} ms", flush=True)
+
+    # offline scoring: every frame already encoded, language work only, per-step time
+    batch = max(1, min(args.batch, len(step_ts)))
+    chunk = step_ts[-batch:]
+    with torch.inference_mode():
+        cache.clear()
+        for i in range(step_ts[-1] + 1):
+            encode(i)
+        compute_prefix()
+
+        def one_at_a_time(name: str, step: Callable[[list[int]], torch.Tensor]) -> Result:
+            result = Result(name, note="frames pre-encoded")
+            step(selections[chunk[0]])  # warm-up
+            reset_peak()
+            for t in chunk:
+                sync()
+                start = time.perf_counter()
+                logits = step(selections[t])
+                sync()
+                result.times.append(time.perf_counter() - start)
+                result.max_diff = max(result.max_diff, float((logits.float().cpu() - ref_logits[t]).abs().max()))
+            read_peak(result)
+            return result
+
+        offline = [one_at_a_time("offline plain, 1 step/call", language),
+                   one_at_a_time("offline prefix, 1 step/call",
+                                 lambda sel: with_first(suffix_logits(*suffix_inputs([sel]))[0]))]
+        batched = Result(f"offline prefix, {batch} steps/call", note="frames pre-encoded; ms per step")
+        visual, deep = suffix_inputs([selections[t] for t in chunk])
+        suffix_logits(visual, deep)  # warm-up
+        reset_peak()
+        for _ in range(max(2, steps // batch)):
+            sync()
+            start = time.perf_counter()
+            logits = suffix_logits(*suffix_inputs([selections[t] for t in chunk]))
+            sync()
+            batched.times.append((time.perf_counter() - start) / batch)
+        read_peak(batched)
+        for row, t in enumerate(chunk):
+            batched.max_diff = max(batched.max_diff,
+                                   float((with_first(logits[row]).float().cpu() - ref_logits[t]).abs().max()))
+        offline.append(batched)
+    results.extend(offline)
+    for r in offline:
+        print(f"  {r.method}: median {np.median(r.times) * 1e3:.2f} ms per step", flush=True)
 
     base = float(np.median(results[0].times))
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -346,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
         print(f"| {r.method} | {median * 1e3:.2f} | {p90 * 1e3:.2f} | {base / median:.2f}x | {peak} | "
               f"{r.max_diff:.2e} | {r.note} |")
+    rates = ", ".join(f"{r.method.removeprefix('offline ')} {1 / float(np.median(r.times)):.1f}" for r in offline)
+    print(f"offline scoring steps/s ({len(chunk)} steps, language work only): {rates}")
     tolerance = 1e-3 if args.dtype == "fp32" else 0.25
     bad = [r.method for r in results if not r.max_diff <= tolerance]
     if bad:

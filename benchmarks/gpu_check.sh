@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine with no network (about 8 minutes at most on an H200):
-#   1. the gpu-marked tests (test/gpu: cuda-python device memory and copies; if TensorRT is installed, the tiny
-#      bundle's plans built here and the TensorRT runtime against ONNX Runtime, prefix-reuse plans and plain),
+# One prepared check for a GPU machine with no network (about 8 minutes at most on an H100/H200):
+#   1. the gpu-marked tests (test/gpu: cuda-python device memory and copies; the torch model's prefix reuse on the
+#      GPU against its plain language part and the CPU; if TensorRT is installed, the tiny bundle's plans built
+#      here and the TensorRT runtime against ONNX Runtime, prefix-reuse plans and plain),
 #   2. the torch bf16 benchmark on a 4B-shaped random model (benchmarks/bench_gpu.py): reference vs frame cache vs
-#      frame cache + prefix KV reuse, eager vs CUDA graphs, peak GPU memory; one table.
+#      frame cache + prefix KV reuse, eager vs CUDA graphs, offline one step per call vs a batch of steps per
+#      suffix call, peak GPU memory; one table.
 #
 #   benchmarks/gpu_check.sh                 # on the GPU machine (uses $PYTHON, else .venv/bin/python, else python3)
 #   benchmarks/gpu_check.sh --smoke         # anywhere, CPU included: tiny model, seconds (test/unit runs this)
 #   benchmarks/gpu_check.sh -- --text-layers 12   # anything after -- goes to bench_gpu.py
 #
-# Needs: torch (CUDA build), transformers, tokenizers, onnx, onnxruntime, onnxscript, numpy, pillow, pytest; for the
-# cuda-python test cuda-bindings; for the TensorRT tests tensorrt. Nothing is downloaded. Exit status: non-zero when
-# a test or the benchmark's parity check failed.
+# Needs: torch (CUDA build), transformers (the pinned 5.24, or an older 5.x such as a CUDA image's 5.17: the model
+# asks the installed one for its cache argument's name), tokenizers, numpy, pytest; cuda-bindings for the
+# cuda-python test; tensorrt + onnx + onnxscript + onnxruntime (CPU is enough) for the TensorRT tests, which skip
+# without TensorRT before exporting anything. ROS, onnxruntime-gpu and the project's venv are not needed (the
+# repository goes on PYTHONPATH). Nothing is downloaded. Exit status: non-zero when a test or the benchmark's
+# parity check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
