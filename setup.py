@@ -13,7 +13,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["robometer_ros", "robometer_ros.*"]),
-    package_data={"robometer_ros": ["py.typed"], "robometer_ros.model": ["*.jinja"]},
+    package_data={"robometer_ros": ["py.typed"], "robometer_ros.model": ["*.jinja"],
+                  "robometer_ros.training": ["*.yaml"]},
     install_requires=[
         "numpy>=1.24",
         "pillow",

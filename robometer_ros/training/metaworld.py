@@ -66,61 +66,102 @@ KINDS = (EXPERT, SUBOPTIMAL_KIND, FAILURE_KIND)
 
 NOISE_SCALES = (0.25, 0.5, 1.0)
 
-# One instruction per task, written for this project from what the scripted policy visibly does in the
-# corner4 view (directions checked against rendered episodes: the lever and handle-pull policies lift, the
-# window tasks slide the pane sideways, plate-slide pushes the plate away from the robot into the cabinet).
-INSTRUCTIONS: dict[str, str] = {
-    "assembly-v3": "pick up the ring and fit it over the peg",
-    "basketball-v3": "grab the ball and put it through the hoop",
-    "bin-picking-v3": "move the cube from the left bin into the right bin",
-    "box-close-v3": "lift the lid and put it on the box to close it",
-    "button-press-topdown-v3": "press the button down from above",
-    "button-press-topdown-wall-v3": "press the button down from above, behind the low wall",
-    "button-press-v3": "push the button in from the front",
-    "button-press-wall-v3": "push the button in from the front, reaching past the wall",
-    "coffee-button-v3": "press the button on the coffee machine",
-    "coffee-pull-v3": "pull the mug away from the coffee machine",
-    "coffee-push-v3": "slide the mug under the coffee machine spout",
-    "dial-turn-v3": "rotate the dial a half turn",
-    "disassemble-v3": "lift the ring off the peg",
-    "door-close-v3": "swing the door shut",
-    "door-lock-v3": "turn the door lock knob to lock it",
-    "door-open-v3": "pull the door open",
-    "door-unlock-v3": "turn the door lock knob to unlock it",
-    "drawer-close-v3": "push the drawer shut",
-    "drawer-open-v3": "pull the drawer out",
-    "faucet-close-v3": "rotate the faucet handle to turn the water off",
-    "faucet-open-v3": "rotate the faucet handle to turn the water on",
-    "hammer-v3": "pick up the hammer and drive the nail into the board",
-    "hand-insert-v3": "move the gripper down into the hole in the table",
-    "handle-press-side-v3": "press the side handle down",
-    "handle-press-v3": "press the handle down",
-    "handle-pull-side-v3": "pull the side handle up",
-    "handle-pull-v3": "pull the handle up",
-    "lever-pull-v3": "lift the lever up",
-    "peg-insert-side-v3": "pick up the peg and push it sideways into the hole",
-    "peg-unplug-side-v3": "pull the peg sideways out of the hole",
-    "pick-out-of-hole-v3": "lift the puck up out of the hole",
-    "pick-place-v3": "pick up the puck and set it down at the target",
-    "pick-place-wall-v3": "pick up the puck, carry it over the wall and set it down at the target",
-    "plate-slide-back-side-v3": "slide the plate sideways back out of the cabinet",
-    "plate-slide-back-v3": "slide the plate back out of the cabinet",
-    "plate-slide-side-v3": "slide the plate sideways into the cabinet",
-    "plate-slide-v3": "slide the plate forward into the cabinet",
-    "push-back-v3": "pull the puck back toward the robot to the target",
-    "push-v3": "push the puck along the table to the target",
-    "push-wall-v3": "push the puck around the wall to the target",
-    "reach-v3": "move the gripper to the target point",
-    "reach-wall-v3": "move the gripper over the wall to the target point",
-    "shelf-place-v3": "pick up the puck and place it on the shelf",
-    "soccer-v3": "push the ball into the goal",
-    "stick-pull-v3": "grab the stick and use it to pull the container",
-    "stick-push-v3": "grab the stick and use it to push the container",
-    "sweep-into-v3": "sweep the puck into the hole in the table",
-    "sweep-v3": "sweep the puck off the edge of the table",
-    "window-close-v3": "slide the window shut",
-    "window-open-v3": "slide the window open",
-}
+TASKS_FILE = Path(__file__).with_name("metaworld_tasks.yaml")
+
+
+@dataclass(frozen=True)
+class TaskCatalog:
+    """The Meta-World tasks of the default model: the task split and how people ask for each task.
+
+    Read from ``metaworld_tasks.yaml`` beside this module (the one data file of phrasings and splits).
+
+    Attributes:
+        heldout_tasks: tasks never trained on (chosen before training).
+        train_phrasings: per task, the wordings training, model selection and calibration use; the first
+            is the instruction stored in generated episodes.
+        heldout_phrasings: per task, wordings used only by evaluation and the demo.
+        sha256: digest of the file, recorded in the bundle manifest so a bundle names its split.
+    """
+
+    heldout_tasks: tuple[str, ...]
+    train_phrasings: dict[str, tuple[str, ...]]
+    heldout_phrasings: dict[str, tuple[str, ...]]
+    sha256: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] = TASKS_FILE) -> TaskCatalog:
+        """Read and check a catalog file (every task has training and held-out wordings, none shared)."""
+        import hashlib
+
+        import yaml
+
+        raw = Path(path).read_bytes()
+        data = yaml.safe_load(raw)
+        phrasings = data["phrasings"]
+        train = {task: tuple(entry["train"]) for task, entry in phrasings.items()}
+        heldout = {task: tuple(entry["heldout"]) for task, entry in phrasings.items()}
+        catalog = cls(tuple(data["heldout_tasks"]), train, heldout, hashlib.sha256(raw).hexdigest())
+        unknown = set(catalog.heldout_tasks) - set(train)
+        if unknown:
+            raise ValueError(f"{path}: held-out tasks without phrasings: {sorted(unknown)}")
+        wordings = [w for task in train for w in (*train[task], *heldout[task])]
+        repeated = sorted({w for w in wordings if wordings.count(w) > 1})
+        if repeated or not all(train.values()) or not all(heldout.values()):
+            raise ValueError(f"{path}: every task needs training and held-out wordings, none shared: {repeated}")
+        return catalog
+
+    @property
+    def trained_tasks(self) -> tuple[str, ...]:
+        """The tasks training uses (every task not held out), sorted."""
+        return tuple(sorted(set(self.train_phrasings) - set(self.heldout_tasks)))
+
+    def tasks(self, split: str) -> tuple[str, ...]:
+        """Task names of a split: ``trained`` or ``heldout``."""
+        if split == "trained":
+            return self.trained_tasks
+        if split == "heldout":
+            return tuple(sorted(self.heldout_tasks))
+        raise ValueError(f"task split must be 'trained' or 'heldout', got {split!r}")
+
+    def instruction(self, task: str) -> str:
+        """The instruction stored in a task's generated episodes (its first training wording)."""
+        try:
+            return self.train_phrasings[task][0]
+        except KeyError:
+            raise ValueError(
+                f"unknown Meta-World task {task!r}; known tasks: {', '.join(sorted(self.train_phrasings))}"
+            ) from None
+
+    def training_wordings(self) -> dict[str, list[str]]:
+        """Stored instruction -> the wordings training samples from (the sampler's ``instruction_phrasings``)."""
+        return {wordings[0]: list(wordings) for wordings in self.train_phrasings.values()}
+
+    def summary(self) -> dict[str, Any]:
+        """The split as recorded with a trained model (training.json, the bundle manifest)."""
+        return {
+            "sha256": self.sha256,
+            "trained_tasks": list(self.trained_tasks),
+            "heldout_tasks": list(self.tasks("heldout")),
+            "train_phrasings": {task: list(w) for task, w in sorted(self.train_phrasings.items())},
+            "heldout_phrasings": {task: list(w) for task, w in sorted(self.heldout_phrasings.items())},
+        }
+
+    def wording(self, instruction: str, key: str, split: str) -> str:
+        """A wording of the task whose stored instruction is ``instruction``, from ``split`` (``train`` or
+        ``heldout``), chosen by ``key`` (e.g. an episode id) so the same episode always gets the same one."""
+        table = {"train": self.train_phrasings, "heldout": self.heldout_phrasings}.get(split)
+        if table is None:
+            raise ValueError(f"phrasing split must be 'train' or 'heldout', got {split!r}")
+        for task, wordings in self.train_phrasings.items():
+            if instruction == wordings[0]:
+                choices = table[task]
+                return choices[zlib.crc32(key.encode()) % len(choices)]
+        raise ValueError(f"{instruction!r} is not the stored instruction of any task in the catalog")
+
+
+CATALOG = TaskCatalog.load()
+#: Task -> the instruction stored in its generated episodes.
+INSTRUCTIONS: dict[str, str] = {task: CATALOG.instruction(task) for task in CATALOG.train_phrasings}
 
 
 @dataclass(frozen=True)
@@ -206,12 +247,7 @@ def quality_label(
 
 def instruction_for(task: str) -> str:
     """The natural-language instruction of a Meta-World task; a clear error for unknown names."""
-    try:
-        return INSTRUCTIONS[task]
-    except KeyError:
-        raise ValueError(
-            f"unknown Meta-World task {task!r}; known tasks: {', '.join(sorted(INSTRUCTIONS))}"
-        ) from None
+    return CATALOG.instruction(task)
 
 
 def behaviour_rng(seed: int, task: str, slot: int, kind: str) -> np.random.Generator:
@@ -608,39 +644,57 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- default model
-#: The small default model (bundles/default): 1.4 M parameters, sized so that it trains from scratch on 2 CPU
-#: cores in well under an hour and a scoring step takes milliseconds on one core with ONNX Runtime
-#: (64x64 frames: 4 visual tokens per frame). rope_theta is 1e4 rather than Qwen3-VL's 5e6: with head_dim
-#: 32, a 5e6 base leaves almost no rotary dimensions that resolve the short distances between a frame's
-#: visual tokens and its <|prog_token|>, and the model learns which frame it is scoring more slowly.
-DEFAULT_MODEL_SIZE: dict[str, Any] = {
-    "text": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "head_dim": 32, "mrope_section": [6, 5, 5], "rope_theta": 10000.0},
-    "vision": {"depth": 2, "hidden_size": 96, "intermediate_size": 256, "num_heads": 3,
-               "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+def _size(hidden: int, layers: int, heads: int, vision_hidden: int, vision_depth: int) -> dict[str, Any]:
+    # head_dim 32 and mrope_section [6, 5, 5] (sum = head_dim / 2) in every size. rope_theta is 1e4 rather than
+    # Qwen3-VL's 5e6: with head_dim 32, a 5e6 base leaves almost no rotary dimensions that resolve the short
+    # distances between a frame's visual tokens and its <|prog_token|>, and the model learns which frame it is
+    # scoring more slowly.
+    return {
+        "text": {"hidden_size": hidden, "intermediate_size": 3 * hidden, "num_hidden_layers": layers,
+                 "num_attention_heads": heads, "num_key_value_heads": 2, "head_dim": 32,
+                 "mrope_section": [6, 5, 5], "rope_theta": 10000.0},
+        "vision": {"depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": 8 * vision_hidden // 3,
+                   "num_heads": vision_hidden // 32, "num_position_embeddings": 64,
+                   "deepstack_visual_indexes": [0]},
+    }
+
+
+#: Robometer-shaped Qwen3-VL sizes measured for the default model (benchmarks/bench_default_sizes.py); the
+#: default is the largest that trains to convergence in about two hours on 2 CPU cores and scores a step in
+#: well under 10 ms on one core (README, "The embedded default model").
+DEFAULT_MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "s": _size(128, 3, 4, 96, 2),
+    "m": _size(192, 4, 6, 128, 2),
+    "l": _size(256, 4, 8, 128, 3),
 }
+DEFAULT_MODEL_SIZE_NAME = "m"
 DEFAULT_FRAME_SIZE = 64
-DEFAULT_TOKENIZER_VOCAB = 600
+DEFAULT_TOKENIZER_VOCAB = 800
 
 
 def default_model_tokenizer() -> Any:
-    """A small byte-level BPE trained on the Robometer prompts filled with all 50 task instructions.
+    """A small byte-level BPE trained on the Robometer prompts filled with the trained tasks' training wordings.
 
-    All 50 (not only the trained tasks) so held-out tasks' instructions tokenize into learned words too.
+    Only those: held-out wordings and held-out tasks never shape the vocabulary, so their words reach the model
+    as the pieces (sub-words, bytes) it learnt from other words.
     """
     from robometer_ros.model.tiny import tiny_tokenizer
 
-    return tiny_tokenizer(sorted(INSTRUCTIONS.values()), vocab_size=DEFAULT_TOKENIZER_VOCAB)
+    wordings = sorted(w for task in CATALOG.trained_tasks for w in CATALOG.train_phrasings[task])
+    return tiny_tokenizer(wordings, vocab_size=DEFAULT_TOKENIZER_VOCAB)
 
 
-def default_model_config(tokenizer: Any, num_frames: int = 8) -> Any:
-    """The RobometerConfig of the default model, its vocabulary and vision token ids from ``tokenizer``."""
+def default_model_config(tokenizer: Any, num_frames: int = 8, size: str = DEFAULT_MODEL_SIZE_NAME) -> Any:
+    """The RobometerConfig of the default model in ``size`` (a DEFAULT_MODEL_SIZES key), its vocabulary and
+    vision token ids from ``tokenizer``."""
     from robometer_ros.model.config import RobometerConfig
     from robometer_ros.model.tiny import config_for_tokenizer
 
+    if size not in DEFAULT_MODEL_SIZES:
+        raise ValueError(f"unknown default-model size {size!r}; known: {sorted(DEFAULT_MODEL_SIZES)}")
     base = config_for_tokenizer(tokenizer, "tiny", num_frames=num_frames).to_dict()
     text, vision = base["backbone"]["text_config"], base["backbone"]["vision_config"]
-    sizes = DEFAULT_MODEL_SIZE
+    sizes = DEFAULT_MODEL_SIZES[size]
     for key, value in sizes["text"].items():
         if key == "mrope_section":
             text["rope_parameters"]["mrope_section"] = list(value)
@@ -656,7 +710,8 @@ def default_model_config(tokenizer: Any, num_frames: int = 8) -> Any:
     return RobometerConfig.from_dict(base)
 
 
-def write_default_model_init(out_dir: str | os.PathLike[str], seed: int = 0) -> None:
+def write_default_model_init(out_dir: str | os.PathLike[str], seed: int = 0,
+                             size: str = DEFAULT_MODEL_SIZE_NAME) -> None:
     """Write the randomly initialised default model + its tokenizer as a checkpoint the trainer starts from
     (``model.init_checkpoint``)."""
     import torch
@@ -665,12 +720,12 @@ def write_default_model_init(out_dir: str | os.PathLike[str], seed: int = 0) -> 
     from robometer_ros.model.robometer import RobometerModel
 
     tokenizer = default_model_tokenizer()
-    config = default_model_config(tokenizer)
+    config = default_model_config(tokenizer, size=size)
     torch.manual_seed(seed)
     model = RobometerModel(config)
     save_checkpoint(model, tokenizer, out_dir)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"wrote the untrained default model ({parameters / 1e6:.2f} M parameters, "
+    print(f"wrote the untrained default model, size {size} ({parameters / 1e6:.2f} M parameters, "
           f"vocabulary {config.vocab_size}) to {out_dir}")
 
 
@@ -687,10 +742,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     init = commands.add_parser("init-model", help="write the untrained default model + tokenizer")
     init.add_argument("out", help="checkpoint directory to write")
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--size", choices=sorted(DEFAULT_MODEL_SIZES), default=DEFAULT_MODEL_SIZE_NAME,
+                      help="model size (DEFAULT_MODEL_SIZES)")
+    tasks = commands.add_parser("tasks", help="print the task names of a split of metaworld_tasks.yaml")
+    tasks.add_argument("split", choices=("trained", "heldout"))
     args = parser.parse_args(argv)
     if args.command == "generate":
         return run(args)
-    write_default_model_init(args.out, args.seed)
+    if args.command == "tasks":
+        print(" ".join(CATALOG.tasks(args.split)))
+        return 0
+    write_default_model_init(args.out, args.seed, args.size)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -182,3 +184,49 @@ def test_instructions_cover_all_tasks_and_bad_names_are_named() -> None:
         next(mw.generate(["no-such-task"], 1, seed=0, settings=SETTINGS, progress_bar=False))
     with pytest.raises(ValueError, match="episodes_per_task"):
         next(mw.generate(["reach-v3"], 51, seed=0, settings=SETTINGS, progress_bar=False))
+
+
+def test_task_catalog_splits_tasks_and_wordings() -> None:
+    """The data file the default model is trained and evaluated with: every task, at least 8 wordings split
+    into training and held-out ones, at least 10 held-out tasks, and no wording in two places."""
+    import metaworld
+
+    catalog = mw.CATALOG
+    assert set(catalog.train_phrasings) == set(metaworld.ALL_V3_ENVIRONMENTS)
+    for task in catalog.train_phrasings:
+        assert len(catalog.train_phrasings[task]) + len(catalog.heldout_phrasings[task]) >= 8, task
+        assert len(catalog.heldout_phrasings[task]) >= 3, task
+    assert len(catalog.heldout_tasks) >= 10
+    assert not set(catalog.heldout_tasks) & set(catalog.trained_tasks)
+    assert len(catalog.trained_tasks) + len(catalog.heldout_tasks) == 50
+    wordings = [w for task in catalog.train_phrasings
+                for w in (*catalog.train_phrasings[task], *catalog.heldout_phrasings[task])]
+    assert len(wordings) == len(set(wordings))
+    # the stored instruction is the first training wording
+    assert mw.instruction_for("door-open-v3") == catalog.train_phrasings["door-open-v3"][0]
+
+
+def test_catalog_wording_is_per_episode_and_from_the_asked_split() -> None:
+    catalog = mw.CATALOG
+    stored = mw.instruction_for("door-open-v3")
+    chosen = {catalog.wording(stored, f"door-open-v3/seed1/slot{i:02d}/expert", "heldout") for i in range(40)}
+    assert chosen == set(catalog.heldout_phrasings["door-open-v3"])  # every held-out wording is used
+    key = "door-open-v3/seed1/slot03/failure"
+    assert catalog.wording(stored, key, "heldout") == catalog.wording(stored, key, "heldout")
+    assert catalog.wording(stored, key, "train") in catalog.train_phrasings["door-open-v3"]
+    with pytest.raises(ValueError, match="not the stored instruction"):
+        catalog.wording("open the pod bay doors", key, "heldout")
+    with pytest.raises(ValueError, match="phrasing split"):
+        catalog.wording(stored, key, "test")
+
+
+def test_catalog_file_errors_are_named(tmp_path: Path) -> None:
+    shared = tmp_path / "tasks.yaml"
+    shared.write_text("heldout_tasks: []\nphrasings:\n  a: {train: [push it], heldout: [shove it]}\n"
+                      "  b: {train: [push it], heldout: [nudge it]}\n")
+    with pytest.raises(ValueError, match="push it"):
+        mw.TaskCatalog.load(shared)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("heldout_tasks: [c]\nphrasings:\n  a: {train: [push it], heldout: [shove it]}\n")
+    with pytest.raises(ValueError, match="c"):
+        mw.TaskCatalog.load(unknown)
