@@ -70,6 +70,8 @@ class DataConfig:
         use_known_progress: use stored per-frame progress (e.g. from a simulator) as the target instead of
             absolute_first_frame.
         num_workers: DataLoader worker processes per rank (0 = sample in the main process).
+        phrasings: a task catalog YAML (the format of training/metaworld_tasks.yaml); each pair shows one of
+            its task's `train` wordings instead of the stored instruction. null = stored instructions only.
     """
 
     dataset: str = ""
@@ -81,6 +83,7 @@ class DataConfig:
     success_cutoffs: dict[str, float] = field(default_factory=dict)
     use_known_progress: bool = False
     num_workers: int = 0
+    phrasings: str | None = None
 
 
 @dataclass

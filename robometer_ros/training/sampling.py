@@ -74,6 +74,9 @@ class SamplingConfig:
             progress) instead of absolute_first_frame.
         frame_size: resize every frame to (height, width) if set; None keeps the stored size.
         epoch_size: len() of a PairSampler; None means the number of sampleable trajectories.
+        instruction_phrasings: stored instruction -> the wordings a pair may show instead (one drawn per
+            pair, for both sides, so the model learns the task rather than one string); instructions not
+            listed are shown as stored.
     """
 
     num_frames: int = 8
@@ -89,6 +92,7 @@ class SamplingConfig:
     use_known_progress: bool = False
     frame_size: tuple[int, int] | None = None
     epoch_size: int | None = None
+    instruction_phrasings: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_frames < 2:
@@ -111,6 +115,9 @@ class SamplingConfig:
         if self.frame_size is not None:
             self.frame_size = (int(self.frame_size[0]), int(self.frame_size[1]))
         self.preference_only_sources = tuple(self.preference_only_sources)
+        empty = sorted(k for k, wordings in self.instruction_phrasings.items() if not wordings)
+        if empty:
+            raise ValueError(f"instruction_phrasings has no wordings for {empty}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SamplingConfig:
@@ -150,7 +157,8 @@ class PairSample:
 
     Attributes:
         frames_a, frames_b: uint8 [F, H, W, 3] (the two sides may differ in H, W unless frame_size is set).
-        instruction: the chosen trajectory's instruction (the prompt's task for both sides).
+        instruction: the prompt's task for both sides: the chosen trajectory's instruction, or a wording of it
+            drawn from SamplingConfig.instruction_phrasings.
         progress_a: float32 [F] progress targets of A; progress_mask_a: 0/1 for the whole side.
         success_a: float32 [F] success targets of A; success_mask_a: float32 [F] frames that count.
         preference_label: 1 if A is chosen, 0 if B is.
@@ -438,11 +446,15 @@ class PairSampler:
             "progress_mask_b": labels_b.progress_mask,
             "success_b": labels_b.success,
             "success_mask_b": labels_b.success_mask,
+            "stored_instruction": chosen_meta.instruction,
         }
+        # Drawn last, so a config without phrasings gives the same pairs as before.
+        wordings = self.config.instruction_phrasings.get(chosen_meta.instruction)
+        instruction = wordings[int(rng.integers(len(wordings)))] if wordings else chosen_meta.instruction
         return PairSample(
             frames_a=frames_a,
             frames_b=frames_b,
-            instruction=chosen_meta.instruction,
+            instruction=instruction,
             progress_a=labels_a.progress,
             progress_mask_a=labels_a.progress_mask,
             success_a=labels_a.success,

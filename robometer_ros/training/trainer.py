@@ -161,12 +161,23 @@ def sampling_config(config: TrainConfig) -> SamplingConfig:
     uses (bicubic, robometer_ros.preprocess), so training sees exactly the pixels the robot will.
     """
     ratios = dict(zip([s.value for s in Strategy], config.data.strategy_ratio))
+    catalog = task_catalog(config)
     return SamplingConfig(
         num_frames=config.data.num_frames,
         strategy_ratios=ratios,
         success_cutoffs=dict(config.data.success_cutoffs),
         use_known_progress=config.data.use_known_progress,
+        instruction_phrasings=catalog.training_wordings() if catalog else {},
     )
+
+
+def task_catalog(config: TrainConfig) -> Any:
+    """The run's task catalog (``data.phrasings``), or None."""
+    if not config.data.phrasings:
+        return None
+    from robometer_ros.training.metaworld import TaskCatalog
+
+    return TaskCatalog.load(config.data.phrasings)
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -412,14 +423,26 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 TRAINING_INFO_FILE = "training.json"
 
 
-def write_training_info(directory: Path, config: TrainConfig, step: int) -> None:
+def training_data_info(config: TrainConfig, collection: TrajectoryCollection) -> dict[str, Any]:
+    """What a model was trained on, for training.json and the bundle manifest: the stored instructions of the
+    training split and, with ``data.phrasings``, the task catalog's split (tasks and wordings, file digest)."""
+    catalog = task_catalog(config)
+    info: dict[str, Any] = {"train_instructions": sorted({m.instruction for m in collection.metas})}
+    if catalog is not None:
+        info["task_catalog"] = catalog.summary()
+    return info
+
+
+def write_training_info(directory: Path, config: TrainConfig, step: int,
+                        data: dict[str, Any] | None = None) -> None:
     """training.json next to a saved model: how it was trained (frame size and frames, which eval/score
-    reuse by default, the step and the whole config)."""
+    reuse by default, the step, the training data (``training_data_info``) and the whole config)."""
     info = {
         "step": step,
         "frame_size": config.data.frame_size,
         "num_frames": config.data.num_frames,
         "success_cutoffs": dict(config.data.success_cutoffs),
+        "training_data": data or {},
         "config": config.to_dict(),
     }
     (directory / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -548,6 +571,7 @@ class Trainer:
             open_split(config.data.dataset, config.data.eval_split) if config.data.eval_split else None
         )
         self.sampler = PairSampler(self.train_collection, sampling_config(config), seed=config.seed)
+        self.training_data = training_data_info(config, self.train_collection)
 
         robometer, self.tokenizer = build_model(config, self.train_collection)
         prepare_trainable(robometer, config)
@@ -647,7 +671,7 @@ class Trainer:
             shutil.rmtree(temporary, ignore_errors=True)
             # bf16 training saves bf16 weights, as the released checkpoint; fp32 training saves fp32.
             checkpoint_io.save_checkpoint(weights, self.tokenizer, temporary, dtype=self.amp_dtype or torch.float32)
-            write_training_info(temporary, self.config, self.step)
+            write_training_info(temporary, self.config, self.step, self.training_data)
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(temporary, directory)
         self.env.barrier()

@@ -165,6 +165,29 @@ def test_different_task_pair() -> None:
             np.testing.assert_array_equal(sample.metadata["progress_b"], 0.0)
 
 
+def test_pairs_show_a_wording_of_the_chosen_task() -> None:
+    """With instruction_phrasings each pair shows one wording of its chosen task (also the different-task
+    pairs: the other task's video is shown under a wording of the chosen one), drawn per pair index; the
+    frames and labels are those of the sampler without phrasings."""
+    wordings = {"pick": ["pick", "pick it up", "grab it"], "place": ["place", "put it down"]}
+    plain = PairSampler(_collection(), seed=3)
+    worded = PairSampler(_collection(), SamplingConfig(instruction_phrasings=wordings), seed=3)
+    shown: dict[str, set[str]] = {}
+    for index in range(200):
+        a, b = plain[index], worded[index]
+        assert b.metadata["stored_instruction"] == a.instruction
+        assert b.instruction in wordings.get(a.instruction, [a.instruction])
+        shown.setdefault(a.instruction, set()).add(b.instruction)
+        np.testing.assert_array_equal(a.frames_a, b.frames_a)
+        np.testing.assert_array_equal(a.progress_a, b.progress_a)
+    assert shown["pick"] == set(wordings["pick"]) and shown["place"] == set(wordings["place"])
+    assert shown["push"] == {"push"}  # not listed: shown as stored
+    again = PairSampler(_collection(), SamplingConfig(instruction_phrasings=wordings), seed=3)
+    assert [again[i].instruction for i in (7, 3, 150)] == [worded[i].instruction for i in (7, 3, 150)]
+    with pytest.raises(ValueError, match="no wordings"):
+        SamplingConfig(instruction_phrasings={"pick": []})
+
+
 def test_suboptimal_pair() -> None:
     sampler = PairSampler(_collection(), _only(Strategy.SUBOPTIMAL), seed=5)
     seen_whole = False
