@@ -688,6 +688,11 @@ def main(argv: list[str] | None = None) -> int:
                         "image_transport compressed (the common real-robot transport)")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="--transport jpeg quality (image_transport's "
                         "default 95)")
+    parser.add_argument("--wording", choices=("stored", "train", "heldout"), default="stored",
+                        help="the instruction the model is given: the stored one, or per episode one of its task's "
+                        "training / held-out wordings from --phrasings (metrics still group by the stored one)")
+    parser.add_argument("--phrasings", help="task catalog YAML for --wording (default: the package's "
+                        "robometer_ros/training/metaworld_tasks.yaml)")
     parser.add_argument("--no-node-verdicts", action="store_true", help="skip replaying episodes through the node's "
                         "session and monitor")
     parser.add_argument("--out", required=True, help="output directory (metrics.json, plots/)")
@@ -718,6 +723,16 @@ def main(argv: list[str] | None = None) -> int:
         collection = open_split(args.dataset, split)
         predictor = open_predictor(args.model, args.backend, args.device, args.tokenizer_dir, args.frame_size,
                                    args.batch_size)
+        rephrase = None
+        if args.wording != "stored":
+            from robometer_ros.training.metaworld import TASKS_FILE, TaskCatalog
+
+            catalog = TaskCatalog.load(args.phrasings or TASKS_FILE)
+            for instruction in sorted({m.instruction for m in collection.metas}):
+                catalog.wording(instruction, "", args.wording)  # every task known, before any scoring
+
+            def rephrase(text: str, key: str) -> str:
+                return catalog.wording(text, key, args.wording)
         session = None
         if not args.no_node_verdicts:
             from robometer_ros.node_parameters import session_config_from_files
@@ -733,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         failure_rule=FailureRule(args.success_threshold, args.progress_threshold),
         session=session,
         frame_transform=JpegTransport(args.jpeg_quality) if args.transport == "jpeg" else None,
+        rephrase=rephrase,
         num_plots=args.plots,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -740,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"model": str(args.model), "dataset": str(args.dataset), "split": split or "all",
                 "params_files": args.params_file or ["config/reward_node.yaml"],
                 "transport": args.transport if args.transport == "raw" else f"jpeg quality {args.jpeg_quality}",
+                "wording": args.wording,
                 "runner": getattr(getattr(predictor, "engine", None), "backend_name", "torch")}
     metrics = evaluate_collection(predictor, collection, options, args.out, settings)
     print(f"{len(collection)} episodes of {args.dataset} (split {split or 'all'})")
