@@ -818,6 +818,7 @@ def export_bundle(
     max_instruction_tokens: int = DEFAULT_MAX_INSTRUCTION_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     prefix_parts: bool = True,
+    training: dict[str, Any] | None = None,
     overwrite: bool = False,
     check_parity: bool = True,
     log: Any = print,
@@ -827,7 +828,8 @@ def export_bundle(
     Writes into a temporary directory next to ``out_dir`` and renames it into place only after the
     parity check passed, so a failed export never leaves a half bundle behind. ``prefix_parts`` adds
     language_prefix / language_suffix (prefix reuse; needs ``max_frames`` >= 2); ``max_batch`` is the
-    largest suffix batch their TensorRT profiles serve.
+    largest suffix batch their TensorRT profiles serve. ``training`` (what the model was trained on: step,
+    frame size, training data) is kept in the manifest's ``extra.training``.
     """
     import torch
 
@@ -979,7 +981,7 @@ def export_bundle(
                     if prefix_parts else None),
             created_by="robometer-export (robometer_ros)",
             extra={"opset": OPSET, "exporter": "torchscript", "torch": torch.__version__,
-                   "robometer_config": cfg.to_dict()},
+                   "robometer_config": cfg.to_dict(), "training": dict(training or {})},
         )
         write_manifest(staging, manifest)
         if out.exists():
@@ -1001,6 +1003,14 @@ def _trained_frame_size(checkpoint: str) -> tuple[int, int] | None:
 
     size = read_training_info(checkpoint).get("frame_size")
     return (int(size[0]), int(size[1])) if size else None
+
+
+def _training_record(checkpoint: str) -> dict[str, Any]:
+    """What the manifest keeps of the checkpoint's training.json: the step, frame size and training data."""
+    from robometer_ros.training.trainer import read_training_info
+
+    info = read_training_info(checkpoint)
+    return {key: info[key] for key in ("step", "frame_size", "num_frames", "training_data") if key in info}
 
 
 def _frame_size(text: str) -> tuple[int, int]:
@@ -1071,6 +1081,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chat_template=info.chat_template, external_data=args.external_data, fp16=args.fp16,
             include_checkpoint=args.include_checkpoint, max_instruction_tokens=args.max_instruction_tokens,
             max_batch=args.max_batch, prefix_parts=not args.no_prefix_parts,
+            training=_training_record(args.checkpoint),
             overwrite=args.overwrite, check_parity=not args.skip_parity,
         )
     except (ExportError, CheckpointError, FileNotFoundError, ValueError, KeyError) as exc:
