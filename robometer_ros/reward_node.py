@@ -377,6 +377,7 @@ class RewardNode(LifecycleNode):
                 event_callbacks=SubscriptionEventCallbacks(incompatible_qos=self._on_instruction_incompatible_qos))
             self._inputs.append(subscription)
 
+    @guarded
     def _on_camera_incompatible_qos(self, info: Any) -> None:
         self._incompatible_qos += 1
         self.get_logger().warning(
@@ -384,6 +385,7 @@ class RewardNode(LifecycleNode):
             f"{info.last_policy_kind}): a reliable subscriber does not match a best-effort camera; use "
             "camera_qos sensor_data", throttle_duration_sec=10.0)
 
+    @guarded
     def _on_instruction_incompatible_qos(self, info: Any) -> None:
         self.get_logger().warning(
             f"a publisher on {self.resolve_topic_name(str(self._param('instruction_topic')))} has an incompatible "
