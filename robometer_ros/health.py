@@ -6,7 +6,8 @@ order of severity:
 
 * ERROR: configure failed; a model error in the last 10 s; recording failing (until it works again).
 * WARN: no frames for ``no_frame_warning_s`` (with a hint that tells a reliability mismatch from large
-  best-effort frames that never arrive, and from no publisher at all); no instruction; bad images, rejected
+  best-effort frames that never arrive, from a reliable camera that sends nothing, and from no publisher
+  at all); no instruction; bad images, rejected
   instructions or callback errors since the previous report; a trigger call that timed out in the last
   10 s; frames not admitted because camera stamps repeat, go back or jump; waiting for /clock (sim time
   not advancing).
@@ -237,7 +238,13 @@ def no_frames_hint(camera: CameraGraph | None) -> str:
     if camera.incompatible_qos_events or (camera.subscriber_reliable and camera.best_effort_publishers):
         return (f"no frames: the camera on {topic} is best effort and camera_qos is reliable (a reliability "
                 "mismatch): set camera_qos sensor_data")
-    return (f"no frames although {camera.publishers} publisher(s) on {topic} match: large best-effort frames "
-            "are dropped by Fast DDS's default 512 KB shared-memory segment; give every process of the graph "
-            "FASTDDS_DEFAULT_PROFILES_FILE=<robometer_ros share>/config/fastdds_large_frames.xml (a larger "
-            "segment) or use image_transport compressed")
+    if camera.subscriber_reliable:
+        # Every publisher matched reliable (a best-effort one is the mismatch above): DDS retransmits large
+        # samples on a reliable connection, so frames that never arrive were never sent.
+        return (f"no frames although {camera.publishers} reliable publisher(s) on {topic} match: the camera "
+                f"publishes nothing (check it is streaming: ros2 topic hz {topic})")
+    return (f"no frames although {camera.publishers} publisher(s) on {topic} match: frames larger than Fast DDS's "
+            "shared-memory segment (the SHM transport's segment_size, 512 KB by default) are dropped on a "
+            "best-effort connection, or the camera publishes nothing; give every process of the graph "
+            "FASTDDS_DEFAULT_PROFILES_FILE=<robometer_ros share>/config/fastdds_large_frames.xml (segment_size "
+            "32 MB) or use image_transport compressed")

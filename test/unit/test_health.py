@@ -30,6 +30,12 @@ def test_no_frames_hint_names_the_cause_the_graph_shows() -> None:
     large = CameraGraph(topic, publishers=2, best_effort_publishers=2, subscriber_reliable=False)
     message = health.report(active(camera=large))[1]
     assert "2 publisher(s) on /arm/camera/image match" in message and "fastdds_large_frames.xml" in message
+    assert "segment_size" in message and "reliability mismatch" not in message
+    # all reliable, subscribed reliable: DDS would retransmit large frames, so the camera sends nothing
+    silent = CameraGraph(topic, publishers=1, best_effort_publishers=0, subscriber_reliable=True)
+    message = health.report(active(camera=silent))[1]
+    assert "1 reliable publisher(s) on /arm/camera/image match: the camera publishes nothing" in message
+    assert "fastdds" not in message.lower() and "mismatch" not in message
     health.frame_arrived(0.001)
     level, message, values = health.report(active(camera=large))
     assert level == OK and message.startswith("scoring at") and values["image_callback_ms.median"] == "1.00"
