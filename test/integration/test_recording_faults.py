@@ -1,7 +1,8 @@
-"""Recording under faults, with real processes and real filesystems: SIGKILL of a recording process, a full
-disk (a small tmpfs where this machine lets the test mount one; RLIMIT_FSIZE as a stand-in that needs no
-privileges), a read-only directory. Each closed episode must read back with rosbags and the mcap library;
-an interrupted one is repaired (robometer-dataset repair) with at most the flush bound lost.
+"""Recording under faults, with real processes and real filesystems: SIGKILL of a recording process and of
+the recording reward node itself (over DDS), a full disk (a small tmpfs where this machine lets the test
+mount one; RLIMIT_FSIZE as a stand-in that needs no privileges), a read-only directory. Each closed episode
+must read back with rosbags and the mcap library; an interrupted one is repaired (robometer-dataset repair)
+with at most the flush bound lost.
 
 The recording process is test/support/recording_child.py (the real EpisodeRecorder); it reports every
 frame it hands over with its time.monotonic(), so the test knows what a crash may lose.
@@ -24,9 +25,24 @@ from typing import Any
 import pytest
 from mcap.reader import make_reader
 from rosbags.highlevel import AnyReader
+from sensor_msgs.msg import Image
 
+from reward_node_helpers import (
+    NODE,
+    RELIABLE,
+    SCRIPTED_NODE_MODULE,
+    Camera,
+    SentFrame,
+    colour_frame,
+    node_args,
+    publish_instruction,
+    raw_image,
+    stamp_ns,
+)
+from robometer_ros.msg import StepReward
 from robometer_ros.recorder import LABEL_STOPPED, EpisodeRecorder, read_episode_label
 from robometer_ros.ros_graph import REPO
+from robometer_ros.srv import EndEpisode
 from robometer_ros.training.bag_repair import needs_repair, repair_bag
 
 IMAGE_TOPIC = "/camera/image"
@@ -251,3 +267,69 @@ def test_read_only_directory_is_an_error_and_leaves_no_unreadable_bag(tmp_path: 
         assert errors and "cannot open bag" in errors[0]
         assert list(directory.iterdir()) == []  # nothing half-made that a reader would trip on
         recorder.close()
+
+
+def test_sigkill_of_the_recording_reward_node_loses_at_most_the_flush_bound(start_node, probe, tmp_path: Path) -> None:
+    """The reward node itself (real DDS, a camera in another process, record on): a closed episode's bag
+    reads back whole; the episode open at SIGKILL is repaired, the instruction and every frame the node
+    received more than record_flush_s before the kill included."""
+    bags = tmp_path / "bags"
+    rewards = probe.subscribe(f"{NODE}/step_reward", StepReward, RELIABLE)
+    node = start_node(SCRIPTED_NODE_MODULE, node_args(tmp_path, camera_qos="reliable", record=True,
+                                                      record_dir=str(bags), record_flush_s=1.0,
+                                                      record_min_free_mb=0.0))
+    node.wait_for_output("active:")
+    camera = Camera(probe.publisher("/camera/image", Image, RELIABLE), rate_hz=30.0)
+
+    sent_at: list[float] = []  # time.monotonic() each frame of the open episode was handed to DDS
+    stop = threading.Event()
+
+    def frames(count: int, progress: float, record: list[float] | None = None) -> None:
+        """Publish `count` frames at 30 Hz (until `stop`)."""
+        for _ in range(count):
+            if stop.is_set():
+                return
+            t = camera.take_stamp()
+            camera.publish([(raw_image(colour_frame(progress), "rgb8", t), SentFrame(t, progress, 0.0, "rgb8"))])
+            if record is not None:
+                record.append(time.monotonic())
+
+    publish_instruction(probe, "stack the cups")
+    frames(10, 0.3)
+    rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) == camera.sent[-1].t_ns)
+    end = probe.call(EndEpisode, f"{NODE}/end_episode", EndEpisode.Request(outcome=1, note="done"))
+    closed = bags / end.ended_episode_id
+    publish_instruction(probe, "stack the plates")
+    # the camera keeps running while the node is killed, as it would on a robot
+    streaming = threading.Thread(target=frames, args=(300, 0.6, sent_at), daemon=True)
+    streaming.start()
+    rewards.wait_for(1, timeout=20, predicate=lambda r: r.instruction == "stack the plates")
+    deadline = time.monotonic() + 30
+    while len(sent_at) < 90:  # 3 s of the open episode
+        assert time.monotonic() < deadline and streaming.is_alive(), f"camera stuck at {len(sent_at)} frames"
+        time.sleep(0.01)
+    open_id = next(r.episode_id for r in reversed(rewards.messages) if r.instruction == "stack the plates")
+    node.proc.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    stop.set()
+    streaming.join(10)
+    assert node.proc.wait(10) == -signal.SIGKILL
+
+    counts = read_back(closed)  # closed before the kill: untouched, readable by rosbags and mcap
+    assert counts["/camera/image"] == 10 and counts["/task"] == 1
+    cut = bags / open_id
+    assert needs_repair(cut)
+    result = repair_bag(cut)
+    recovered = result.messages["/camera/image"]
+    assert result.messages.get("/task") == 1  # the instruction is the first thing of the bag
+    assert read_back(cut)["/camera/image"] == recovered
+    # every frame the node had more than flush_s (1 s) before the kill, plus slack for DDS and a loaded
+    # 2-core machine, is in the bag
+    before_kill = [t for t in sent_at if t < killed_at]
+    must_have = sum(t < killed_at - 1.0 - 0.5 for t in before_kill)
+    lost_s = killed_at - before_kill[recovered] if recovered < len(before_kill) else 0.0
+    print(f"reward node SIGKILL: {len(before_kill)} frames sent in the open episode before the kill, {recovered} "
+          f"recovered, {len(before_kill) - recovered} lost = the last {lost_s:.2f} s (record_flush_s 1.0)")
+    assert recovered >= must_have > 0
+    assert lost_s <= 1.5
+    assert "cut short" in read_episode_label(cut)[LABEL_STOPPED]

@@ -185,23 +185,47 @@ def test_bad_configuration_fails_configure_with_the_reason(start_node, probe, tm
     assert node.running()
 
 
-def test_unwritable_record_dir_is_a_diagnostics_error_not_a_crash(start_node, probe, tmp_path) -> None:
+def test_unwritable_record_dir_is_an_error_that_stays_until_recording_works_again(start_node, probe,
+                                                                                   tmp_path) -> None:
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where the bag directory should be")
     diagnostics = probe.subscribe("/diagnostics", DiagnosticArray, 50)
     rewards = probe.subscribe(f"{NODE}/step_reward", StepReward, RELIABLE)
-    node = start_node(SCRIPTED_NODE_MODULE, node_args(tmp_path, record=True, record_dir=str(blocker / "bags")))
+    node = start_node(SCRIPTED_NODE_MODULE, node_args(tmp_path, record=True, record_dir=str(blocker / "bags"),
+                                                      record_flush_s=0.2, record_min_free_mb=0.0))
     node.wait_for_output("active:")
     publish_instruction(probe, "stack the cups")
     camera = Camera(probe.publisher("/camera/image", Image, RELIABLE))
-    msgs = []
-    for _ in range(3):
-        t = camera.take_stamp()
-        msgs.append((raw_image(colour_frame(0.5), "rgb8", t), SentFrame(t, 0.5, 0.0, "rgb8")))
-    camera.publish(msgs)
-    rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) == camera.sent[-1].t_ns)
+
+    def frames(count: int) -> None:
+        msgs = []
+        for _ in range(count):
+            t = camera.take_stamp()
+            msgs.append((raw_image(colour_frame(0.5), "rgb8", t), SentFrame(t, 0.5, 0.0, "rgb8")))
+        camera.publish(msgs)
+        rewards.wait_for(1, timeout=20, predicate=lambda r: stamp_ns(r.header.stamp) == camera.sent[-1].t_ns)
+
+    frames(3)
     error = diagnostics.wait_for(1, timeout=10, predicate=lambda a: a.status[0].level == DiagnosticStatus.ERROR)[-1]
     assert "recording failed" in error.status[0].message and "not_a_directory" in error.status[0].message
+    node.wait_for_output("recording: cannot open bag")  # the recorder's error reaches the node's ROS log
+    # it stays an ERROR while nothing changes, not just for one report (diagnostics_period 0.2 s)
+    since = stamp_ns(error.header.stamp)
+    later = diagnostics.wait_for(5, timeout=10, predicate=lambda a: stamp_ns(a.header.stamp) > since)
+    assert all(a.status[0].level == DiagnosticStatus.ERROR for a in later), [a.status[0].message for a in later]
+
+    blocker.unlink()  # the directory can be made now: the next episode records, and the ERROR goes away
+    publish_instruction(probe, "stack the plates")
+    frames(3)
+    recovered = diagnostics.wait_for(1, timeout=15, predicate=lambda a: "recording failed" not in a.status[0].message
+                                     and stamp_ns(a.header.stamp) > stamp_ns(later[-1].header.stamp))[-1]
+    assert recovered.status[0].level != DiagnosticStatus.ERROR, recovered.status[0].message
+    end = probe.call(EndEpisode, f"{NODE}/end_episode", EndEpisode.Request(outcome=1))
+    bag = blocker / "bags" / end.ended_episode_id
+    deadline = time.monotonic() + 20
+    while not (bag / "metadata.yaml").exists():
+        assert time.monotonic() < deadline, f"no bag at {bag}"
+        time.sleep(0.05)
     assert node.running()
 
 
