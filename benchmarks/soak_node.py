@@ -22,6 +22,8 @@ from pathlib import Path
 
 from node_driver import NodeRun, dropped_by_reason, export_tiny_bundle, percentiles, work_dir
 
+from robometer_ros.ros_graph import DomainLease
+
 DEFAULT_PROFILES = ("640x480@30", "1920x1080@60")
 
 
@@ -59,6 +61,10 @@ def soak(profile: str, args: argparse.Namespace, bundle: Path, work: Path, domai
     if rss:
         print(f"node RSS MiB: start {rss[0]:.0f}, end {rss[-1]:.0f}, max {max(rss):.0f} "
               f"(end - start {rss[-1] - rss[0]:+.0f})")
+        # the curve, not only its ends: a store filling up to max_frames_per_episode levels off early, a leak
+        # keeps climbing
+        points = [camera.rss[round(i * (len(camera.rss) - 1) / 10)] for i in range(11)]
+        print("node RSS MiB over time: " + ", ".join(f"{t:.0f} s {m:.0f}" for t, m in points if not math.isnan(m)))
     print(f"frames sent {camera.sent}, received {received} (lost in transport {camera.sent - received}), "
           f"admitted {values.get('frames_admitted', '?')}, dropped {values.get('frames_dropped', '?')} "
           f"{dropped_by_reason(values)}, bad images {values.get('bad_images', '?')}")
@@ -83,16 +89,25 @@ def main() -> None:
     parser.add_argument("--max-frames", type=int, default=128, help="node max_frames_per_episode (default 128)")
     parser.add_argument("--camera-qos", default="sensor_data", choices=("sensor_data", "reliable"))
     parser.add_argument("--record", default="", help="record episodes into this directory (default: off)")
-    parser.add_argument("--domain-id", type=int, default=88, help="ROS_DOMAIN_ID of the private graph")
+    parser.add_argument("--domain-id", type=int, default=0,
+                        help="ROS_DOMAIN_ID of the private graph (default: lease a free one, as the tests do)")
     parser.add_argument("--threads", type=int, default=1, help="OMP/ORT threads in the node (default 1)")
     args = parser.parse_args()
     for profile in args.profiles:
         parse_profile(profile)  # fail on a typo before anything starts
     work = work_dir("soak_node_")
     bundle = Path(args.bundle) if args.bundle else export_tiny_bundle(work / "bundle")
-    print(f"soak_node: {args.seconds:g} s per profile, bundle {bundle}, work dir {work}")
-    for profile in args.profiles:
-        soak(profile, args, bundle, work, args.domain_id)
+    # A leased domain id: a test run or another benchmark on this machine never shares the soak's graph
+    # (a stray publisher on /camera/image would count as the soak's frames).
+    lease = None if args.domain_id else DomainLease()
+    domain_id = args.domain_id or lease.domain_id
+    print(f"soak_node: {args.seconds:g} s per profile, bundle {bundle}, work dir {work}, ROS_DOMAIN_ID {domain_id}")
+    try:
+        for profile in args.profiles:
+            soak(profile, args, bundle, work, domain_id)
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 if __name__ == "__main__":
