@@ -21,10 +21,11 @@ from robometer_ros.recorder import make_typestore
 from robometer_ros.training.calibrate import main as calibrate_main
 from robometer_ros.training.evaluate import main as eval_main
 from robometer_ros.training.export import main as export_main
+from robometer_ros.training.metaworld import TaskCatalog
 from robometer_ros.training.score import main as score_main
 from robometer_ros.training.trainer import main as train_main
 from robometer_ros.training.trainer import open_split
-from support.synthetic_squares import make_trajectories, write_square_dataset
+from support.synthetic_squares import COLOURS, instruction_for, make_trajectories, write_square_dataset
 
 RECIPE = Path(__file__).resolve().parents[2] / "training" / "tiny_cpu.yaml"
 TASKS = 3
@@ -34,6 +35,16 @@ def _metrics(path: Path) -> dict:
     record = json.loads(path.read_text())  # strict JSON: NaN is written as null
     assert {"settings", "metrics", "episodes"} <= record.keys()
     return record
+
+
+def _write_catalog(path: Path) -> TaskCatalog:
+    """A task catalog (the format of training/metaworld_tasks.yaml) for the synthetic square tasks."""
+    lines = ["heldout_tasks: []", "phrasings:"]
+    for colour in COLOURS:
+        lines += [f"  {colour}:", f"    train: ['{instruction_for(colour)}', 'move the {colour} square right']",
+                  f"    heldout: ['could you slide the {colour} square to the right']"]
+    path.write_text("\n".join(lines) + "\n")
+    return TaskCatalog.load(path)
 
 
 def _write_bag(path: Path) -> None:
@@ -64,10 +75,13 @@ def test_train_eval_export_score(tmp_path: Path, capsys: pytest.CaptureFixture[s
     torch.set_num_threads(1)
     data = write_square_dataset(tmp_path / "data", episodes_per_task=6, eval_episodes_per_task=3)
     run = tmp_path / "run"
+    catalog = _write_catalog(tmp_path / "tasks.yaml")
 
-    # --- train: a few dozen steps, held-out eval hook at step 10, resumable checkpoints
+    # --- train: a few dozen steps, each pair in one of its task's training wordings, held-out eval hook at
+    # step 10, resumable checkpoints
     assert train_main([
         str(RECIPE), f"data.dataset={data}", f"output_dir={run}", "optim.max_steps=20", "optim.lr=3e-3",
+        f"data.phrasings={tmp_path / 'tasks.yaml'}",
         "eval.every=10", "eval.max_pairs=6", "checkpoint.every=10", "log.every=5", "log.progress_bar=false",
     ]) == 0
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
@@ -97,6 +111,10 @@ def test_train_eval_export_score(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert export_main([str(run / "final"), str(bundle_dir), "--frame-size", "64x64"]) == 0
     bundle = Bundle.open(bundle_dir)
     assert bundle.manifest.num_frames == 8 and bundle.manifest.frame.height == 64
+    # the manifest names what the model was trained on: the catalog's split and the stored instructions
+    training = bundle.manifest.extra["training"]
+    assert training["step"] == 20 and training["training_data"]["task_catalog"] == catalog.summary()
+    assert training["training_data"]["train_instructions"] == sorted({t.instruction for t in open_split(data, "train")})
 
     # --- the exported engine gives the checkpoint's predictions
     assert eval_main([str(bundle_dir), "--dataset", str(data), "--split", "val", "--out",
@@ -107,6 +125,18 @@ def test_train_eval_export_score(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert a["episode_id"] == b["episode_id"]
         np.testing.assert_allclose(b["predicted_progress"], a["predicted_progress"], atol=1e-4)
         np.testing.assert_allclose(b["success_probability"], a["success_probability"], atol=1e-4)
+
+    # --- the same episodes in held-out wordings: the model is given them, metrics still group by task
+    assert eval_main([str(bundle_dir), "--dataset", str(data), "--split", "val", "--out",
+                      str(tmp_path / "eval_heldout"), "--max-pairs", "6", "--backend", "onnxruntime",
+                      "--wording", "heldout", "--phrasings", str(tmp_path / "tasks.yaml")]) == 0
+    heldout_eval = _metrics(tmp_path / "eval_heldout" / "metrics.json")
+    assert heldout_eval["settings"]["wording"] == "heldout"
+    assert heldout_eval["metrics"]["overall"]["ranking_tasks"] == TASKS
+    assert any(not np.allclose(a["predicted_progress"], b["predicted_progress"], atol=1e-6)
+               for a, b in zip(bundle_eval["episodes"], heldout_eval["episodes"]))
+    assert eval_main([str(bundle_dir), "--dataset", str(data), "--split", "val", "--out", str(tmp_path / "x"),
+                      "--wording", "heldout"]) == 2  # the package's catalog does not know these tasks
 
     # --- score a dataset with the bundle (parquet) and a bag with the checkpoint (CSV)
     scores = tmp_path / "scores.parquet"
