@@ -34,35 +34,43 @@ bench: setup
 clean:
 	rm -rf build install log demo_out
 
-# ---- the embedded default model (issue 6): data -> train -> eval -> export, from scratch (~1 h on 2 cores)
+# ---- the embedded default model (issue 10): data -> train -> export -> calibrate -> evaluate, from scratch
+# (about two hours on 2 cores). The task split and the wordings are robometer_ros/training/metaworld_tasks.yaml.
 .PHONY: default-model demo-bags
 MW_DATA ?= data/metaworld
 MW_RUN ?= runs/default
-MW_TRAIN_TASKS := door-open-v3 door-close-v3 drawer-open-v3 drawer-close-v3 button-press-topdown-v3 \
-	coffee-button-v3 lever-pull-v3 plate-slide-v3 handle-pull-v3 window-open-v3
-MW_HELDOUT_TASKS := button-press-v3 plate-slide-back-v3 window-close-v3
+MW_TASKS = $(shell $(PY) -m robometer_ros.training.metaworld tasks $(1))
 MW_GEN := MUJOCO_GL=egl $(VENV)/bin/robometer-dataset from-metaworld --size 96 --frames 32 --codec png --workers 2
+MW_EVAL := $(VENV)/bin/robometer-eval bundles/default --dataset $(MW_DATA) --success-cutoff metaworld=0.9 \
+	--params-file config/reward_node.yaml --params-file $(MW_RUN)/calibration.yaml
 
 default-model: setup
 	rm -rf $(MW_DATA) $(MW_RUN)
-	$(MW_GEN) --tasks $(MW_TRAIN_TASKS) --episodes-per-task 30 --seed 0 --out $(MW_DATA)/train
-	$(MW_GEN) --tasks $(MW_TRAIN_TASKS) --episodes-per-task 6 --seed 1 --out $(MW_DATA)/eval_seeds
-	$(MW_GEN) --tasks $(MW_HELDOUT_TASKS) --episodes-per-task 10 --seed 1 --out $(MW_DATA)/eval_tasks
+	# scenes: seed 0 trains, seed 3 calibrates the monitor (and is the in-training evaluation), seed 1 evaluates
+	$(MW_GEN) --tasks $(call MW_TASKS,trained) --episodes-per-task 24 --seed 0 --out $(MW_DATA)/train
+	$(MW_GEN) --tasks $(call MW_TASKS,trained) --episodes-per-task 2 --seed 3 --out $(MW_DATA)/calibration
+	$(MW_GEN) --tasks $(call MW_TASKS,trained) --episodes-per-task 3 --seed 1 --out $(MW_DATA)/eval_seeds
+	$(MW_GEN) --tasks $(call MW_TASKS,heldout) --episodes-per-task 6 --seed 1 --out $(MW_DATA)/eval_tasks
 	$(PY) -m robometer_ros.training.metaworld init-model $(MW_RUN)/init
 	OMP_NUM_THREADS=1 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
 		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA)
-	# second cosine cycle: resumes the run above at step 3000 and trains on to step 6000 with the official
+	# second cosine cycle: resumes the run above at step 4000 and trains on to step 8000 with the official
 	# absolute_first_frame progress targets (a segment's first frame is 0) reaching 1 at 90% of an episode
 	# (the episodes end 10 steps after the first success: their last ~10% show the task done)
 	OMP_NUM_THREADS=1 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
-		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA) optim.max_steps=6000 \
+		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA) optim.max_steps=8000 \
 		data.use_known_progress=false "data.success_cutoffs={metaworld: 0.9}"
 	$(VENV)/bin/robometer-export $(MW_RUN)/train/final bundles/default --frame-size 64x64 \
-		--model-id robometer-metaworld-demo --model-version 1 --overwrite
-	$(VENV)/bin/robometer-eval bundles/default --dataset $(MW_DATA) --split eval_seeds --out $(MW_RUN)/eval_seeds \
-		--success-cutoff metaworld=0.9
-	$(VENV)/bin/robometer-eval bundles/default --dataset $(MW_DATA) --split eval_tasks --out $(MW_RUN)/eval_tasks \
-		--success-cutoff metaworld=0.9
+		--model-id robometer-metaworld-demo --model-version 2 --overwrite
+	# the monitor's thresholds, on other scenes of the trained tasks with their training wordings
+	$(VENV)/bin/robometer-calibrate bundles/default --dataset $(MW_DATA) --split calibration \
+		--out $(MW_RUN)/calibration.yaml
+	# the README's rows: (a) held-out seeds, training wordings; (b) the same episodes, held-out wordings;
+	# (c) unseen tasks, held-out wordings; (d) row (b) as JPEG CompressedImage at the camera's size
+	$(MW_EVAL) --split eval_seeds --wording train --out $(MW_RUN)/eval_a
+	$(MW_EVAL) --split eval_seeds --wording heldout --out $(MW_RUN)/eval_b
+	$(MW_EVAL) --split eval_tasks --wording heldout --out $(MW_RUN)/eval_c
+	$(MW_EVAL) --split eval_seeds --wording heldout --transport jpeg --out $(MW_RUN)/eval_d
 
 demo-bags: setup
 	rm -rf demo_bags
