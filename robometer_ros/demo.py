@@ -7,17 +7,21 @@ What it does:
 
 1. starts ``python -m robometer_ros.reward_node`` as a subprocess with the bundle, on a private ROS graph
    (its own ROS_DOMAIN_ID, LOCALHOST discovery, a temporary ROS_LOG_DIR);
-2. waits until its topics and services match, then replays each demo bag onto them at camera rate (the
+2. waits until its topics and services match, then replays each demo bag onto them in real time (the
    instruction first, latched; then the camera images with fresh header stamps at the bag's frame spacing),
    waits for the step that scored the last frame and closes the episode with ``~/end_episode``;
 3. collects every StepReward, FailureFlag and EpisodeStatus, prints a compact per-step table and a summary
-   per episode (final progress, success, failure flags raised and why);
+   per episode (final progress, success, failure flags raised and why, the node's verdict and whether the
+   simulator agrees);
 4. writes ``demo_out/``: a PNG per episode (reward curves, failure flags, a few scored frames), ``steps.csv``,
    ``summary.json`` and ``outputs_bag/`` (rosbag2 MCAP of the node's outputs).
 
 The demo bags (``demo_bags/*``) hold Meta-World episodes of scenes the default model never trained on (MT1
-seed 2; training used seed 0, evaluation seed 1): camera images (sensor_msgs/Image rgb8, 10 Hz camera time)
-and the instruction (std_msgs/String), with the episode's ground truth in the bag's custom metadata.
+seed 2; training used seed 0, calibration seed 3, evaluation seed 1), of trained and of held-out tasks, each
+with an instruction from its task's held-out wordings (never used in training): camera images
+(sensor_msgs/Image rgb8 stamped with the simulator's time, as the evaluation scores them) and the instruction
+(std_msgs/String), with the episode's ground truth in the bag's custom metadata. The node runs with its
+default parameters (the monitor thresholds calibrated for the default bundle); only the topics differ.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -47,32 +52,31 @@ IMAGE_TOPIC = "/demo/camera/image_raw"
 INSTRUCTION_TOPIC = "/demo/instruction"
 NODE_NAME = "reward_node"
 CAMERA_FRAME_ID = "corner4_camera"
-CAMERA_RATE_HZ = 10.0
 NS_PER_S = 1_000_000_000
 
-# Demo bags: Meta-World scenes never used in training (seed 2) of tasks the default model trained on, one
-# success and one failure at least. Each entry: (task, behaviour, label it must have); the first such
-# episode of the task's first 5 slots is taken (chosen by the simulator's outcome, never by the model).
+# Demo bags: Meta-World scenes never used in training (seed 2), of tasks the default model trained on and of
+# held-out tasks (robometer_ros/training/metaworld_tasks.yaml), successes and failures. Each entry: (task,
+# behaviour, label it must have, a held-out wording of the task); the first such episode of the task's first 5
+# slots is taken (chosen by the simulator's outcome, never by the model).
 DEMO_SEED = 2
 DEMO_FRAMES = 40
 DEMO_SIZE = 96
-DEMO_EPISODES: tuple[tuple[str, str, str], ...] = (
-    ("door-open-v3", "expert", "successful"),
-    ("door-open-v3", "stall", "failure"),
-    ("drawer-open-v3", "expert", "successful"),
-    ("drawer-open-v3", "wrong_policy", "failure"),
+DEMO_EPISODES: tuple[tuple[str, str, str, str], ...] = (
+    ("door-open-v3", "expert", "successful", "open the door"),
+    ("door-open-v3", "stall", "failure", "could you open the door please"),
+    ("drawer-open-v3", "wrong_policy", "failure", "could you open the drawer"),
+    ("window-close-v3", "expert", "successful", "could you close the window"),
+    ("window-close-v3", "stall", "failure", "the window is open, shut it"),
 )
 # Bag metadata keys holding the episode's ground truth.
 TRUTH_PREFIX = "robometer_demo."
 
-# The reward node's parameters for the demo: score every 10 Hz frame, and a short stall timeout because
-# the demo episodes last a few seconds of camera time.
+# The reward node's parameters for the demo: its topics, and a reliable camera subscription (the replay is
+# a reliable publisher: no frame of a short episode may be lost). Everything else is the node's default.
 NODE_PARAMETERS: dict[str, Any] = {
     "image_topic": IMAGE_TOPIC,
     "instruction_topic": INSTRUCTION_TOPIC,
-    "frame_rate": CAMERA_RATE_HZ,
     "camera_qos": "reliable",
-    "monitor.stall_timeout_s": 1.5,
 }
 
 
@@ -88,8 +92,8 @@ class DemoEpisode:
     truth: dict[str, str] = field(default_factory=dict)
 
 
-def write_demo_bag(path: Path, trajectory: Any, rate_hz: float = CAMERA_RATE_HZ) -> None:
-    """Write one Trajectory as a rosbag2 MCAP bag: the instruction, then rgb8 images at ``rate_hz``."""
+def write_demo_bag(path: Path, trajectory: Any) -> None:
+    """Write one Trajectory as a rosbag2 MCAP bag: the instruction, then rgb8 images at its frame stamps."""
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     from robometer_ros.recorder import make_typestore
@@ -99,14 +103,14 @@ def write_demo_bag(path: Path, trajectory: Any, rate_hz: float = CAMERA_RATE_HZ)
     Image, String = typestore.types[image_type], typestore.types[string_type]
     Header, Time = typestore.types["std_msgs/msg/Header"], typestore.types["builtin_interfaces/msg/Time"]
     start_ns = 1_700_000_000 * NS_PER_S  # a fixed camera epoch: the bags are byte-reproducible
-    period_ns = round(NS_PER_S / rate_hz)
+    offsets_ns = np.round((np.asarray(trajectory.frame_stamps) - trajectory.frame_stamps[0]) * NS_PER_S)
     with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
         instruction = writer.add_connection(INSTRUCTION_TOPIC, string_type, typestore=typestore)
         camera = writer.add_connection(IMAGE_TOPIC, image_type, typestore=typestore)
-        writer.write(instruction, start_ns - period_ns,
+        writer.write(instruction, start_ns - NS_PER_S // 10,
                      typestore.serialize_cdr(String(data=trajectory.instruction), string_type))
-        for index, frame in enumerate(trajectory.frames):
-            stamp = start_ns + index * period_ns
+        for offset, frame in zip(offsets_ns, trajectory.frames):
+            stamp = start_ns + int(offset)
             height, width, _ = frame.shape
             message = Image(
                 header=Header(stamp=Time(sec=stamp // NS_PER_S, nanosec=stamp % NS_PER_S),
@@ -157,20 +161,20 @@ def make_bags(out: Path) -> int:
     settings = metaworld.RenderSettings(frames=DEMO_FRAMES, size=DEMO_SIZE)
     out.mkdir(parents=True, exist_ok=True)
     by_task: dict[str, list[Any]] = {}
-    for number, (task, behaviour, label) in enumerate(DEMO_EPISODES, start=1):
+    for number, (task, behaviour, label, wording) in enumerate(DEMO_EPISODES, start=1):
         if task not in by_task:
             by_task[task] = list(metaworld.generate([task], 5, DEMO_SEED, settings, progress_bar=False))
         matches = [t for t in by_task[task] if t.metadata["behaviour"] == behaviour and t.quality_label == label]
         if not matches:
             raise RuntimeError(f"no {behaviour} episode of {task} labelled {label} in the first 5 slots of "
                                f"seed {DEMO_SEED}")
-        trajectory = matches[0]
+        trajectory = dataclasses.replace(matches[0], instruction=wording)
         path = out / f"{number:02d}_{task.removesuffix('-v3')}_{label}"
         if path.exists():
             raise FileExistsError(f"{path} exists; remove the old demo bags first")
         write_demo_bag(path, trajectory)
         print(f"wrote {path} ({len(trajectory)} frames, {trajectory.episode_id}, "
-              f"behaviour {trajectory.metadata['behaviour']}, label {label})")
+              f"behaviour {trajectory.metadata['behaviour']}, label {label}, '{wording}')")
     return 0
 
 
@@ -311,10 +315,15 @@ class EpisodeResult:
             for f in self.flags if f.failed
         ]
         progress = [float(r.progress) for r in self.rewards]
+        truth = self.bag.truth.get("quality_label", "unknown")
+        # the node's verdict: a failure flag raised during the episode or at its end (any reason), else success
+        verdict = "failure" if raised else "success"
+        expected = "failure" if truth == "failure" else "success"
         return {
             "bag": self.bag.name,
             "instruction": self.bag.instruction,
-            "truth": self.bag.truth.get("quality_label", "unknown"),
+            "truth": truth,
+            "task": self.bag.truth.get("task", ""),
             "behaviour": self.bag.truth.get("behaviour", ""),
             "episode_id": self.episode_id,
             "frames": len(self.bag.frames),
@@ -324,6 +333,8 @@ class EpisodeResult:
             "final_success_probability": round(float(last.success_probability), 3) if last else None,
             "succeeded": succeeded,
             "failure_flags": raised,
+            "verdict": verdict,
+            "verdict_right": None if truth == "unknown" else verdict == expected,
             "model_id": last.model_id if last else "",
             "backend": last.backend if last else "",
             "median_inference_ms": round(1e3 * float(np.median([r.inference_time for r in self.rewards])), 2)
@@ -409,7 +420,7 @@ def write_outputs_bag(path: Path, client: DemoClient) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the demo
-def replay(client: DemoClient, bag: DemoEpisode, used_ids: set[str], rate_hz: float | None) -> EpisodeResult:
+def replay(client: DemoClient, bag: DemoEpisode, used_ids: set[str], speed: float) -> EpisodeResult:
     """Replay one bag onto the node's topics and close the episode; returns what the node published."""
     client.publish_instruction(bag.instruction)
 
@@ -427,9 +438,8 @@ def replay(client: DemoClient, bag: DemoEpisode, used_ids: set[str], rate_hz: fl
     spacing = [s - bag.stamps_ns[0] for s in bag.stamps_ns]
     wall_start = time.monotonic()
     for frame, offset in zip(bag.frames, spacing):
-        if rate_hz is not None:  # camera rate: the bag's own frame spacing, scaled to rate_hz
-            due = wall_start + offset / NS_PER_S * (CAMERA_RATE_HZ / rate_hz)
-            time.sleep(max(0.0, due - time.monotonic()))
+        if speed > 0:  # the bag's own frame spacing, played `speed` times as fast
+            time.sleep(max(0.0, wall_start + offset / NS_PER_S / speed - time.monotonic()))
         client.publish_image(frame, start_ns + offset)
     last_ns = start_ns + spacing[-1]
 
@@ -451,7 +461,7 @@ def replay(client: DemoClient, bag: DemoEpisode, used_ids: set[str], rate_hz: fl
 
 
 def run_demo(bundle: Path, bags_dir: Path, out: Path, backend: str = "auto",
-             rate_hz: float | None = CAMERA_RATE_HZ, startup_timeout: float = 120.0) -> int:
+             speed: float = 1.0, startup_timeout: float = 120.0) -> int:
     """Start the node, replay every bag, write ``out``; 0 when every episode was scored."""
     bag_paths = sorted(p for p in bags_dir.iterdir() if (p / "metadata.yaml").is_file()) if bags_dir.is_dir() else []
     if not bag_paths:
@@ -486,7 +496,7 @@ def run_demo(bundle: Path, bags_dir: Path, out: Path, backend: str = "auto",
             time.sleep(0.1)
         used_ids: set[str] = set()
         for bag in bags:
-            result = replay(client, bag, used_ids, rate_hz)
+            result = replay(client, bag, used_ids, speed)
             results.append(result)
             print_steps(result)
     finally:
@@ -510,11 +520,17 @@ def run_demo(bundle: Path, bags_dir: Path, out: Path, backend: str = "auto",
                                  round(r.reward, 4), round(1e3 * r.inference_time, 2)])
     (out / "summary.json").write_text(json.dumps({"bundle": str(bundle), "episodes": summaries}, indent=2) + "\n")
     print("\n== summary")
-    print(f"{'bag':<28} {'truth':<10} {'steps':>5} {'final p':>7} {'max p':>6} {'success':>7}  flags raised")
+    print(f"{'bag':<32} {'truth':<10} {'steps':>5} {'final p':>7} {'max p':>6} {'verdict':>7} {'right':>5}  "
+          "flags raised")
     for s in summaries:
         flags = "; ".join(f"{f['reason']} ({f['detail']})" for f in s["failure_flags"]) or "none"
-        print(f"{s['bag']:<28} {s['truth']:<10} {s['steps']:>5} {s['final_progress']!s:>7} "
-              f"{s['max_progress']!s:>6} {'yes' if s['succeeded'] else 'no':>7}  {flags}")
+        right = {True: "yes", False: "NO", None: "?"}[s["verdict_right"]]
+        print(f"{s['bag']:<32} {s['truth']:<10} {s['steps']:>5} {s['final_progress']!s:>7} "
+              f"{s['max_progress']!s:>6} {s['verdict']:>7} {right:>5}  {flags}")
+    judged = [s for s in summaries if s["verdict_right"] is not None]
+    print(f"\nthe node's verdict was right on {sum(s['verdict_right'] for s in judged)} of {len(judged)} episodes "
+          "(verdict: failure = a failure flag raised during the episode or at ~/end_episode; truth: the "
+          "simulator's success signal)")
     print(f"\nwrote {out}/: {len(results)} PNGs, steps.csv, summary.json, outputs_bag/ ({bag_messages} messages); "
           f"node log reward_node.log (node exit code {code})")
     return 0 if all(r.rewards for r in results) else 1
@@ -529,11 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (run: demo_out; make-bags: the --bags folder)")
     parser.add_argument("--backend", default="auto", help="reward node backend (auto/onnxruntime/torch/tensorrt)")
-    parser.add_argument("--rate", type=float, default=CAMERA_RATE_HZ, help="camera rate of the replay, Hz")
+    parser.add_argument("--speed", type=float, default=1.0,
+                        help="replay speed (1 = the bags' own camera time; 0 = as fast as possible)")
     args = parser.parse_args(argv)
     if args.command == "make-bags":
         return make_bags(args.out or args.bags)
-    return run_demo(args.bundle, args.bags, args.out or DEFAULT_OUT, args.backend, args.rate)
+    return run_demo(args.bundle, args.bags, args.out or DEFAULT_OUT, args.backend, args.speed)
 
 
 if __name__ == "__main__":

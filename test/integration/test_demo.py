@@ -27,6 +27,7 @@ def test_demo_runs_and_writes_its_outputs(tmp_path: Path) -> None:
     assert result.returncode == 0, f"demo failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     bags = sorted(p.name for p in (REPO / "demo_bags").iterdir() if (p / "metadata.yaml").is_file())
     assert "== summary" in result.stdout
+    assert "the node's verdict was right on" in result.stdout
 
     summary = json.loads((out / "summary.json").read_text())
     assert [episode["bag"] for episode in summary["episodes"]] == bags
@@ -36,6 +37,10 @@ def test_demo_runs_and_writes_its_outputs(tmp_path: Path) -> None:
         assert 0.0 <= episode["final_success_probability"] <= 1.0
         assert episode["model_id"].startswith("robometer-metaworld-demo")
         assert episode["truth"] in ("successful", "suboptimal", "failure")
+        # the verdict follows the flags, and is judged against the simulator's label
+        assert episode["verdict"] == ("failure" if episode["failure_flags"] else "success")
+        assert episode["verdict_right"] == (episode["verdict"] == ("failure" if episode["truth"] == "failure"
+                                                                   else "success"))
         png = out / f"{episode['bag']}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
