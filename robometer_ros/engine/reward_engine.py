@@ -322,23 +322,39 @@ class RewardEngine:
         return instruction
 
     def check_instruction(self, instruction: str) -> None:
-        """Raise ValueError when this bundle cannot score ``instruction``: empty, or its progress prompt (for
-        ``num_frames`` frames) longer than the bundle's maximum sequence length. The limit is the bundle's
-        tokenizer's: a text far too long is refused without tokenizing it (no token covers more characters
-        than the longest one in the vocabulary), anything else is tokenized and measured (and the prompt is
-        kept for the first step)."""
+        """Raise ValueError when this bundle cannot score ``instruction``: empty, its progress prompt (for
+        ``num_frames`` frames) longer than the bundle's maximum sequence length, or, when the engine reuses
+        prefixes, its prefix (prompt + first frame) longer than the prefix parts' maximum. The limit is the
+        bundle's tokenizer's: a text far too long is refused without tokenizing it (no token covers more
+        characters than the longest one in the vocabulary), anything else is tokenized and measured (and the
+        prompt is kept for the first step)."""
         self._check_instruction(instruction)
         limit = self.bundle.manifest.sequence.max_length
+        prefix_limits = self.bundle.manifest.prefix if self._prefix_reuse else None
         grids = [self._grid] * self.num_frames
         if self._instruction_room is None:
             longest = max((len(token) for token in self.prompts.tokenizer.get_vocab()), default=1)
-            self._instruction_room = (limit - self.prompts.progress("", grids).seq_len, max(longest, 1))
+            room = limit - self.prompts.progress("", grids).seq_len
+            if prefix_limits is not None:
+                # A bundle exported for more frames than it scores (max_frames > num_frames) leaves the full
+                # prompt more room than the prefix parts' profile: the tighter one decides.
+                room = min(room, prefix_limits.max_length - self._prefix_length(""))
+            self._instruction_room = (room, max(longest, 1))
         room, longest = self._instruction_room
         if len(instruction) > max(room, 0) * longest:
             raise ValueError(f"instruction of {len(instruction)} characters cannot fit this bundle's prompt "
                              f"(room for {room} tokens of at most {longest} characters)")
         self._inputs(("progress", instruction, self.num_frames), lambda: self.prompts.progress(instruction, grids),
                      limit)
+        if prefix_limits is not None and self._prefix_length(instruction) > prefix_limits.max_length:
+            raise ValueError(
+                f"prompt prefix is {self._prefix_length(instruction)} tokens, above this bundle's prefix maximum "
+                f"of {prefix_limits.max_length} (instruction too long: at most "
+                f"~{self.bundle.manifest.sequence.max_instruction_tokens} tokens)")
+
+    def _prefix_length(self, instruction: str) -> int:
+        """Tokens of the prefix part (prompt + first frame) for ``instruction``."""
+        return split_after_first_frame(self.prompts.progress(instruction, [self._grid])).prefix_length
 
     def _inputs(self, key: tuple, build: Any, max_length: int) -> LanguageInputs:
         with self._layout_lock:

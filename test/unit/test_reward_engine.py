@@ -154,6 +154,67 @@ def test_bad_calls_raise_clear_errors(ort_engine) -> None:
         ort_engine.add_frame(["list"], np.zeros((8, 8, 3), np.uint8))
 
 
+def _longest_that_fits(fits) -> tuple[str, str]:
+    """(the longest "pick up the block ..." instruction ``fits`` accepts, the next one, which it refuses)."""
+    n = 1
+    while fits(" ".join(["pick up the block"] * n)):
+        n += 1
+    return " ".join(["pick up the block"] * (n - 1)), " ".join(["pick up the block"] * n)
+
+
+def test_check_instruction_refuses_exactly_what_the_bundle_tokenizer_cannot_fit(tiny_bundle, ort_engine,
+                                                                               monkeypatch) -> None:
+    """The limit is the bundle's own: its tokenizer, its prompt, its maximum length (issue 11 item 2)."""
+    from robometer_ros.session import ScoringSession, SessionConfig
+
+    m = tiny_bundle.bundle.manifest
+    builder = PromptBuilder(tiny_bundle.tokenizer)  # measured independently of the engine's builder
+    grids = [m.frame.grid_thw] * ort_engine.num_frames
+    fits, too_long = _longest_that_fits(lambda text: builder.progress(text, grids).seq_len <= m.sequence.max_length)
+    ort_engine.check_instruction(fits)
+    with pytest.raises(ValueError, match="above this bundle's"):
+        ort_engine.check_instruction(too_long)
+
+    session = ScoringSession(ort_engine, SessionConfig())
+    started = session.start(fits).started
+    with pytest.raises(ValueError, match="above this bundle's"):
+        session.start(too_long)
+    assert session.episode.episode_id == started.episode_id and session.episode.instruction == fits
+
+    class NoTokenizing:
+        def progress(self, *args, **kwargs):
+            raise AssertionError("a 100 KB instruction must be refused before it is tokenized")
+
+    monkeypatch.setattr(ort_engine, "prompts", NoTokenizing())  # the room was measured above
+    with pytest.raises(ValueError, match="instruction of 100000 characters cannot fit this bundle's prompt"):
+        ort_engine.check_instruction("x" * 100_000)
+
+
+def test_a_bundle_for_more_frames_than_it_scores_refuses_what_its_prefix_parts_cannot_take(tmp_path) -> None:
+    """max_frames > num_frames gives the full prompt more room than the prefix parts' profile (TensorRT's
+    limit): an instruction the full prompt takes but the prefix does not is refused on arrival, not left to
+    fail every step."""
+    from fixtures_bundle import build_tiny_bundle
+
+    tiny = build_tiny_bundle(tmp_path / "bundle", max_frames=16)
+    m = tiny.bundle.manifest
+    engine = RewardEngine(tiny.bundle, backend="onnxruntime", intra_op_threads=1)
+    assert engine.prefix_reuse and m.sequence.max_frames > engine.num_frames
+    builder = PromptBuilder(tiny.tokenizer)
+
+    def prefix_length(text: str) -> int:
+        from robometer_ros.model.prompt import split_after_first_frame
+
+        return split_after_first_frame(builder.progress(text, [m.frame.grid_thw])).prefix_length
+
+    fits, too_long = _longest_that_fits(lambda text: prefix_length(text) <= m.prefix.max_length)
+    full = builder.progress(too_long, [m.frame.grid_thw] * engine.num_frames).seq_len
+    assert full <= m.sequence.max_length  # the full prompt alone would have let it through
+    engine.check_instruction(fits)
+    with pytest.raises(ValueError, match="above this bundle's prefix maximum"):
+        engine.check_instruction(too_long)
+
+
 def test_warmup_leaves_the_cache_alone(ort_engine) -> None:
     before = ort_engine.cached_frame_ids()
     assert ort_engine.warmup() > 0
