@@ -238,24 +238,22 @@ def test_no_frames_hint_tells_large_best_effort_frames_from_a_silent_reliable_ca
     assert node.running() and other.running()
 
 
-def test_best_effort_1080p_frames_without_the_large_frame_profile_get_the_fast_dds_hint(ros_env, tmp_path,
+def test_best_effort_1080p_frames_without_the_large_frame_profile_get_the_fast_dds_hint(ros_env, probe, tmp_path,
                                                                                         monkeypatch):
-    """The fault as a robot meets it: a best-effort 1080p camera and a node in a graph without the large-frame
-    Fast DDS profile (Fast DDS's default 512 KB shared-memory segment). Frames are published and none
+    """The fault as a robot meets it: a best-effort 1080p camera and the node, both processes without the
+    large-frame Fast DDS profile (the default 512 KB shared-memory segment). Frames are published and none
     arrives; the hint must name the segment size and the profile, not reliability."""
-    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)  # for the camera probe made below
+    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)  # child processes inherit os.environ
     env = {key: value for key, value in ros_env.env.items() if key != "FASTDDS_DEFAULT_PROFILES_FILE"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "test"), os.environ.get("PYTHONPATH", "")) if p)
-    camera_probe = Probe(ros_env.domain_id, name="camera_without_profile")
+    diagnostics = probe.subscribe("/diagnostics", DiagnosticArray, 50)
     node = NodeProcess(SCRIPTED_NODE_MODULE, node_args(tmp_path), env=env, log_path=tmp_path / "node.log")
+    camera = None
     try:
         node.wait_for_output("active:", timeout=30)
-        diagnostics = camera_probe.subscribe("/diagnostics", DiagnosticArray, 50)
-        camera = camera_probe.publisher("/camera/image", Image, SENSOR)
-        frame = np.zeros((1080, 1920, 3), np.uint8)
-        for i in range(3):
-            camera.publish(raw_image(frame, "rgb8", 1_700_000_000_000_000_000 + i * 33_000_000))
-            time.sleep(0.3)
+        camera = NodeProcess("support.large_frame_camera", env=env, log_path=tmp_path / "camera.log",
+                             args=["/camera/image", "1920", "1080", "3"])
+        camera.wait_for_output("published 3", timeout=30)
         # a report made well after the last frame was sent (delivery takes milliseconds here)
         settled = time.time_ns() + 1_000_000_000
         warn = diagnostics.wait_for(1, timeout=20, predicate=lambda a: _wall_ns(a) > settled)[0]
@@ -268,8 +266,9 @@ def test_best_effort_1080p_frames_without_the_large_frame_profile_get_the_fast_d
         assert "reliability mismatch" not in message
         assert node.running()
     finally:
+        if camera is not None:
+            camera.stop()
         node.stop()
-        camera_probe.close()
 
 
 def test_the_node_scores_an_episode_exactly_as_the_offline_session(start_node, probe, tmp_path):
