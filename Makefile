@@ -52,12 +52,12 @@ default-model: setup
 	$(MW_GEN) --tasks $(call MW_TASKS,trained) --episodes-per-task 3 --seed 1 --out $(MW_DATA)/eval_seeds
 	$(MW_GEN) --tasks $(call MW_TASKS,heldout) --episodes-per-task 6 --seed 1 --out $(MW_DATA)/eval_tasks
 	$(PY) -m robometer_ros.training.metaworld init-model $(MW_RUN)/init
-	OMP_NUM_THREADS=1 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
+	OMP_NUM_THREADS=2 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
 		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA)
 	# second cosine cycle: resumes the run above at step 4000 and trains on to step 8000 with the official
 	# absolute_first_frame progress targets (a segment's first frame is 0) reaching 1 at 90% of an episode
 	# (the episodes end 10 steps after the first success: their last ~10% show the task done)
-	OMP_NUM_THREADS=1 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
+	OMP_NUM_THREADS=2 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
 		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA) optim.max_steps=8000 \
 		data.use_known_progress=false "data.success_cutoffs={metaworld: 0.9}"
 	$(VENV)/bin/robometer-export $(MW_RUN)/train/final bundles/default --frame-size 64x64 \
