@@ -66,8 +66,8 @@ def test_sharded_bags_with_colliding_episode_ids(tmp_path: Path) -> None:
     # three robots recorded a bag of the same name: the same episode id three times; units = bags, and
     # robot_b's bag (unit 1) is scored on rank 1, robot_a's and robot_c's on rank 0
     fleet = tmp_path / "fleet"
-    for robot, demo_bag in (("robot_a", "01_door-open_successful"), ("robot_b", "04_drawer-open_failure"),
-                            ("robot_c", "03_drawer-open_successful")):
+    for robot, demo_bag in (("robot_a", "01_door-open_successful"), ("robot_b", "03_drawer-open_failure"),
+                            ("robot_c", "04_window-close_successful")):
         source = REPO / "demo_bags" / demo_bag
         target = fleet / robot / "episode"
         shutil.copytree(source, target)
