@@ -61,7 +61,7 @@ default-model: setup
 		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA) optim.max_steps=8000 \
 		data.use_known_progress=false "data.success_cutoffs={metaworld: 0.9}"
 	$(VENV)/bin/robometer-export $(MW_RUN)/train/final bundles/default --frame-size 64x64 \
-		--model-id robometer-metaworld-demo --model-version 2 --overwrite
+		--model-id robometer-metaworld-demo --model-version 2 --external-data --overwrite
 	# the monitor's thresholds, on other scenes of the trained tasks with their training wordings
 	$(VENV)/bin/robometer-calibrate bundles/default --dataset $(MW_DATA) --split calibration \
 		--out $(MW_RUN)/calibration.yaml

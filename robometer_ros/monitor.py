@@ -182,16 +182,16 @@ class MonitorConfig:
             robot stack usually owns episode length).
     """
 
-    success_threshold: float = 0.65
-    success_steps: int = 2
-    success_release_threshold: float = 0.35
-    success_lost_steps: int = 2
-    end_window_steps: int = 3
-    end_success_threshold: float = 0.5
-    stall_timeout_s: float = 10.0
+    success_threshold: float = 0.8
+    success_steps: int = 1
+    success_release_threshold: float = 0.4
+    success_lost_steps: int = 3
+    end_window_steps: int = 2
+    end_success_threshold: float = 0.3
+    stall_timeout_s: float = 0.2263
     stall_grace_s: float = 2.0
-    stall_epsilon: float = 0.02
-    regression_margin: float = 0.2
+    stall_epsilon: float = 0.05
+    regression_margin: float = 0.4
     regression_steps: int = 2
     clear_steps: int = 2
     episode_timeout_s: float = 0.0

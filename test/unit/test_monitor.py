@@ -18,6 +18,17 @@ from robometer_ros.monitor import (
     Severity,
 )
 
+# The thresholds these hand-made score sequences were written for (the defaults before calibration): the tests
+# pin them, so a new calibration of the defaults does not change what the rules are tested with.
+HAND_THRESHOLDS = {"success_threshold": 0.65, "success_steps": 2, "success_release_threshold": 0.35,
+                   "success_lost_steps": 2, "end_window_steps": 3, "end_success_threshold": 0.5,
+                   "stall_timeout_s": 10.0, "stall_grace_s": 2.0, "stall_epsilon": 0.02, "regression_margin": 0.2,
+                   "regression_steps": 2, "clear_steps": 2}
+
+
+def hand_config(**overrides: object) -> MonitorConfig:
+    """MonitorConfig with HAND_THRESHOLDS and ``overrides``."""
+    return MonitorConfig(**{**HAND_THRESHOLDS, **overrides})
 
 def run(
     monitor: EpisodeMonitor, progress: Iterable[float], success: Iterable[float] | float = 0.0, t0: float = 0.0
@@ -50,7 +61,7 @@ def test_constants_match_the_messages() -> None:
 
 
 def test_monotone_success() -> None:
-    m = EpisodeMonitor(MonitorConfig())
+    m = EpisodeMonitor(hand_config())
     progress = np.clip(np.arange(30) / 20, 0, 1)
     success = np.where(np.arange(30) >= 22, 0.9, 0.05)
     events = run(m, progress, success)
@@ -64,13 +75,13 @@ def test_monotone_success() -> None:
 
 def test_a_flickering_success_is_kept_and_a_finished_robot_standing_still_is_no_stall() -> None:
     # single steps below the release threshold (0.35 for 2 steps) do not lose the success
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=5.0))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=5.0))
     events = run(m, [0.2, 0.5, 0.9, 0.95] + [0.95] * 30, [0.1, 0.3, 0.8, 0.9] + [0.2, 0.9] * 15)
     assert kinds(events) == [(EventKind.SUCCEEDED, FailureReason.NONE)]
 
 
 def test_stall_raises_once_then_clears_when_progress_resumes() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=10.0, stall_epsilon=0.02, clear_steps=2))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=10.0, stall_epsilon=0.02, clear_steps=2))
     progress = [0.1 * i for i in range(4)] + [0.3 + 0.005 * (i % 2) for i in range(20)] + [0.4, 0.45, 0.5]
     events = run(m, progress, 0.0)
     assert kinds(events) == [
@@ -87,7 +98,7 @@ def test_stall_raises_once_then_clears_when_progress_resumes() -> None:
 
 
 def test_stall_uses_camera_stamps_not_step_count() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=10.0, stall_grace_s=0.0))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=10.0, stall_grace_s=0.0))
     # 100 steps but only 5 s of camera time: no stall
     for i in range(100):
         assert m.update(i * 0.05, 0.3, 0.0) == []
@@ -95,12 +106,12 @@ def test_stall_uses_camera_stamps_not_step_count() -> None:
 
 
 def test_stall_off_when_timeout_is_zero() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=0.0))
     assert run(m, [0.3] * 200) == []
 
 
 def test_regression_rewind_raises_and_recovers_with_hysteresis() -> None:
-    cfg = MonitorConfig(regression_margin=0.2, regression_steps=2, clear_steps=2, stall_timeout_s=0.0)
+    cfg = hand_config(regression_margin=0.2, regression_steps=2, clear_steps=2, stall_timeout_s=0.0)
     m = EpisodeMonitor(cfg)
     progress = [0.1, 0.3, 0.5, 0.7, 0.7, 0.45, 0.4, 0.45, 0.55, 0.62, 0.68, 0.7, 0.75]
     events = run(m, progress)
@@ -117,24 +128,24 @@ def test_regression_rewind_raises_and_recovers_with_hysteresis() -> None:
 
 
 def test_single_step_outlier_neither_sets_the_max_nor_raises() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=0.0))
     events = run(m, [0.1, 0.2, 0.95, 0.25, 0.3, 0.05, 0.35, 0.4])
     assert events == []
     assert m.max_progress == pytest.approx(0.35)
 
 
 def test_flapping_around_the_regression_threshold_gives_one_event() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=0.0))
     # max 0.8; values alternate around the raise line (0.6) after it fired: one raise, no clear, no re-raise
     events = run(m, [0.8, 0.8, 0.55, 0.55] + [0.58, 0.63, 0.66, 0.59] * 10)
     assert kinds(events) == [(EventKind.FAILURE_RAISED, FailureReason.REGRESSED)]
     # alternating single steps below the raise line never raise at all
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=0.0))
     assert run(m, [0.8, 0.8] + [0.59, 0.61] * 20) == []
 
 
 def test_flapping_success_probability_around_the_threshold_never_succeeds() -> None:
-    m = EpisodeMonitor(MonitorConfig(success_threshold=0.65, success_steps=2, stall_timeout_s=0.0))
+    m = EpisodeMonitor(hand_config(success_threshold=0.65, success_steps=2, stall_timeout_s=0.0))
     assert run(m, np.linspace(0, 0.9, 40), [0.64, 0.66] * 20) == []
     assert not m.succeeded
 
@@ -144,13 +155,13 @@ def test_noisy_but_rising_progress_raises_nothing() -> None:
     t = np.arange(120)
     progress = np.clip(t / 100 + rng.normal(0, 0.03, t.size), 0, 1)
     success = np.clip(rng.normal(0.1, 0.05, t.size), 0, 1)
-    m = EpisodeMonitor(MonitorConfig())
+    m = EpisodeMonitor(hand_config())
     events = run(m, progress[:100], success[:100])
     assert events == []
 
 
 def test_timeout_without_success_and_success_clears_it() -> None:
-    m = EpisodeMonitor(MonitorConfig(episode_timeout_s=20.0, stall_timeout_s=0.0), start_stamp_s=100.0)
+    m = EpisodeMonitor(hand_config(episode_timeout_s=20.0, stall_timeout_s=0.0), start_stamp_s=100.0)
     events = run(m, np.linspace(0, 0.6, 30), 0.1, t0=105.0)
     assert kinds(events) == [(EventKind.FAILURE_RAISED, FailureReason.TIMEOUT)]
     step, ev = events[0]
@@ -163,14 +174,14 @@ def test_timeout_without_success_and_success_clears_it() -> None:
 
 
 def test_timeout_is_measured_from_the_first_stamp_when_no_start_is_given() -> None:
-    m = EpisodeMonitor(MonitorConfig(episode_timeout_s=5.0, stall_timeout_s=0.0))
+    m = EpisodeMonitor(hand_config(episode_timeout_s=5.0, stall_timeout_s=0.0))
     events = run(m, np.linspace(0, 0.5, 10), t0=50.0)
     assert [i for i, _ in events] == [5]
     assert m.start_stamp_s == 50.0
 
 
 def test_worse_reason_replaces_a_milder_one_and_does_not_downgrade() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=5.0, stall_epsilon=0.02))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=5.0, stall_epsilon=0.02))
     events = run(m, [0.5] * 8 + [0.2] * 10)
     assert kinds(events) == [
         (EventKind.FAILURE_RAISED, FailureReason.STALLED),
@@ -180,7 +191,7 @@ def test_worse_reason_replaces_a_milder_one_and_does_not_downgrade() -> None:
 
 
 def test_nan_and_out_of_range_scores_become_model_errors() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0, clear_steps=2))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=0.0, clear_steps=2))
     assert m.update(0.0, 0.2, 0.1) == []
     events = m.update(1.0, float("nan"), 0.1)
     assert len(events) == 1 and events[0].reason is FailureReason.MODEL_ERROR
@@ -193,20 +204,20 @@ def test_nan_and_out_of_range_scores_become_model_errors() -> None:
     out_of_range = m.update(5.0, 1.7, 0.1)
     assert out_of_range[0].reason is FailureReason.MODEL_ERROR and "outside [0, 1]" in out_of_range[0].detail
     # tiny float overshoot is clamped, not an error
-    m2 = EpisodeMonitor()
+    m2 = EpisodeMonitor(hand_config())
     assert m2.update(0.0, 1.0000001, -1e-7) == []
     assert m2.progress == 1.0 and m2.success_probability == 0.0
 
 
 def test_model_error_call_is_a_failure() -> None:
-    m = EpisodeMonitor()
+    m = EpisodeMonitor(hand_config())
     events = m.model_error(3.0, "engine raised RuntimeError")
     assert events[0].reason is FailureReason.MODEL_ERROR and "engine raised" in events[0].detail
     assert math.isnan(events[0].progress)
 
 
 def test_end_without_success_raises_low_success_at_end() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0, end_window_steps=3, end_success_threshold=0.6))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=0.0, end_window_steps=3, end_success_threshold=0.6))
     success = np.linspace(0, 0.52, 10)
     run(m, np.linspace(0, 0.7, 10), success)
     events = m.end(10.0, Outcome.FAILURE)
@@ -220,7 +231,7 @@ def test_end_without_success_raises_low_success_at_end() -> None:
 
 
 def test_end_before_any_step() -> None:
-    events = EpisodeMonitor().end(0.0)
+    events = EpisodeMonitor(hand_config()).end(0.0)
     assert events[0].reason is FailureReason.LOW_SUCCESS_AT_END and "before any step" in events[0].detail
 
 
@@ -242,11 +253,11 @@ def test_config_validation_names_the_field() -> None:
         ({"success_lost_steps": 0}, "success_lost_steps"),
     ]:
         with pytest.raises(ValueError, match=name):
-            MonitorConfig(**kwargs)
+            hand_config(**kwargs)
 
 
 def test_stamps_must_not_go_back() -> None:
-    m = EpisodeMonitor()
+    m = EpisodeMonitor(hand_config())
     m.update(5.0, 0.1, 0.1)
     assert m.update(5.0, 0.1, 0.1) == []  # equal stamps are fine (same newest frame scored again)
     with pytest.raises(ValueError, match="earlier than the previous"):
@@ -257,7 +268,7 @@ def test_stamps_must_not_go_back() -> None:
 
 # ---------------------------------------------------------------------------------------------- monitor v2
 def test_a_success_that_is_lost_is_reported_and_a_new_success_clears_it() -> None:
-    cfg = MonitorConfig(success_threshold=0.65, success_release_threshold=0.35, success_lost_steps=2,
+    cfg = hand_config(success_threshold=0.65, success_release_threshold=0.35, success_lost_steps=2,
                         stall_timeout_s=0.0)
     m = EpisodeMonitor(cfg)
     # done at steps 2-3, the object slips at 5-6 (success collapses), done again at 8-9
@@ -278,7 +289,7 @@ def test_a_success_that_is_lost_is_reported_and_a_new_success_clears_it() -> Non
 
 
 def test_progress_falling_after_success_loses_it() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=0.0, regression_margin=0.2, regression_steps=2))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=0.0, regression_margin=0.2, regression_steps=2))
     # the drawer was opened (success), then pushed shut again: progress falls while success lingers
     progress = [0.3, 0.6, 0.9, 0.9, 0.9, 0.6, 0.5, 0.5]
     success = [0.1, 0.4, 0.8, 0.9, 0.8, 0.6, 0.5, 0.5]
@@ -290,7 +301,7 @@ def test_progress_falling_after_success_loses_it() -> None:
 
 
 def test_the_end_verdict_is_the_last_window_not_the_best_step() -> None:
-    cfg = MonitorConfig(stall_timeout_s=0.0, end_window_steps=3, end_success_threshold=0.5)
+    cfg = hand_config(stall_timeout_s=0.0, end_window_steps=3, end_success_threshold=0.5)
     # succeeded early, then slowly slid back (never 2 steps under the release threshold in a row) -> failure
     m = EpisodeMonitor(cfg)
     run(m, [0.8] * 9, [0.2, 0.9, 0.9, 0.5, 0.3, 0.4, 0.3, 0.4, 0.3])
@@ -312,7 +323,7 @@ def test_the_end_verdict_is_the_last_window_not_the_best_step() -> None:
 
 
 def test_a_success_at_the_end_clears_a_stall() -> None:
-    m = EpisodeMonitor(MonitorConfig(stall_timeout_s=3.0, stall_grace_s=0.0, end_window_steps=2))
+    m = EpisodeMonitor(hand_config(stall_timeout_s=3.0, stall_grace_s=0.0, end_window_steps=2))
     events = run(m, [0.5] * 6, [0.2, 0.2, 0.2, 0.2, 0.6, 0.62])
     assert kinds(events) == [(EventKind.FAILURE_RAISED, FailureReason.STALLED)]
     events = m.end(6.0)
@@ -336,7 +347,7 @@ def test_details_never_contradict_their_thresholds() -> None:
     rng = np.random.default_rng(7)
     for _ in range(200):
         threshold = float(rng.uniform(0.3, 0.9))
-        cfg = MonitorConfig(success_threshold=threshold, success_release_threshold=threshold / 2,
+        cfg = hand_config(success_threshold=threshold, success_release_threshold=threshold / 2,
                             stall_timeout_s=2.0, end_window_steps=int(rng.integers(1, 5)),
                             end_success_threshold=float(rng.uniform(0.2, 0.9)))
         m = EpisodeMonitor(cfg)
@@ -353,7 +364,7 @@ def test_details_never_contradict_their_thresholds() -> None:
 
 
 def test_stall_grace_period_at_the_start() -> None:
-    cfg = MonitorConfig(stall_timeout_s=3.0, stall_grace_s=4.0, stall_epsilon=0.02)
+    cfg = hand_config(stall_timeout_s=3.0, stall_grace_s=4.0, stall_epsilon=0.02)
     # idle for the first 5 s, then moving: no stall (the grace period plus the timeout was not reached)
     m = EpisodeMonitor(cfg)
     assert run(m, [0.1] * 6 + [0.2, 0.3, 0.4, 0.5]) == []
@@ -368,7 +379,7 @@ def test_monitor_events_replays_recorded_steps_like_live_updates() -> None:
     from robometer_ros.session import monitor_events
 
     rng = np.random.default_rng(3)
-    cfg = MonitorConfig(stall_timeout_s=2.0, stall_grace_s=0.5)
+    cfg = hand_config(stall_timeout_s=2.0, stall_grace_s=0.5)
     steps = np.stack([np.arange(40) * 0.25, np.clip(np.cumsum(rng.normal(0.02, 0.05, 40)), 0, 1),
                       rng.uniform(0, 1, 40)], axis=1)
     steps[17, 1] = np.nan  # a model error step
