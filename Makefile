@@ -35,11 +35,11 @@ clean:
 	rm -rf build install log demo_out
 
 # ---- the embedded default model (issue 10): data -> train -> export -> calibrate -> evaluate, from scratch
-# (about two hours on 2 cores). The task split and the wordings are robometer_ros/training/metaworld_tasks.yaml.
+# (about two hours on 2 cores). The task split and the wordings are robometer_ros/training/data/metaworld_tasks.yaml.
 .PHONY: default-model demo-bags
 MW_DATA ?= data/metaworld
 MW_RUN ?= runs/default
-MW_TASKS = $(shell $(PY) -m robometer_ros.training.metaworld tasks $(1))
+MW_TASKS = $(shell $(PY) -m robometer_ros.training.data.metaworld tasks $(1))
 MW_GEN := MUJOCO_GL=egl $(VENV)/bin/robometer-dataset from-metaworld --size 96 --frames 32 --codec png --workers 2
 MW_EVAL := $(VENV)/bin/robometer-eval bundles/default --dataset $(MW_DATA) --success-cutoff metaworld=0.9 \
 	--params-file config/reward_node.yaml --params-file $(MW_RUN)/calibration.yaml
@@ -51,7 +51,7 @@ default-model: setup
 	$(MW_GEN) --tasks $(call MW_TASKS,trained) --episodes-per-task 2 --seed 3 --out $(MW_DATA)/calibration
 	$(MW_GEN) --tasks $(call MW_TASKS,trained) --episodes-per-task 3 --seed 1 --out $(MW_DATA)/eval_seeds
 	$(MW_GEN) --tasks $(call MW_TASKS,heldout) --episodes-per-task 6 --seed 1 --out $(MW_DATA)/eval_tasks
-	$(PY) -m robometer_ros.training.metaworld init-model $(MW_RUN)/init
+	$(PY) -m robometer_ros.training.data.metaworld init-model $(MW_RUN)/init
 	OMP_NUM_THREADS=2 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
 		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA)
 	# second cosine cycle: resumes the run above at step 4000 and trains on to step 8000 with the official

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             from robometer_ros.model.tiny import tiny_model
-            from robometer_ros.training.export import export_bundle
+            from robometer_ros.training.export.onnx_export import export_bundle
 
             torch.set_num_threads(1)
             model, tok = tiny_model(size=args.config)

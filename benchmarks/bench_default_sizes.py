@@ -1,6 +1,6 @@
 """Cost of the default model's candidate sizes (a script, not a test): how `DEFAULT_MODEL_SIZES` was chosen.
 
-For every size (robometer_ros.training.metaworld.DEFAULT_MODEL_SIZES) and frame size it prints
+For every size (robometer_ros.training.data.metaworld.DEFAULT_MODEL_SIZES) and frame size it prints
 
 * parameters;
 * the training step (ms): one optimiser step of `training/default_model.yaml` (batch 8 preference pairs,
@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_step_ms(init: Path, dataset: str, split: str, frame: int, steps: int, warmup: int, work: Path) -> float:
     """Median optimiser-step time of the default recipe at this size and frame size."""
-    from robometer_ros.training.config import load_config
-    from robometer_ros.training.trainer import Trainer
+    from robometer_ros.training.recipe.config import load_config
+    from robometer_ros.training.recipe.trainer import Trainer
 
     config = load_config(ROOT / "training" / "default_model.yaml", [
         f"model.init_checkpoint={init}", f"data.dataset={dataset}", f"data.train_split={split}",
@@ -56,7 +56,7 @@ def score_step_ms(init: Path, frame: int, steps: int, work: Path) -> float:
     from robometer_ros.engine.reward_engine import RewardEngine
     from robometer_ros.episode import subsample_indices
     from robometer_ros.model.checkpoint import load_checkpoint
-    from robometer_ros.training.export import export_bundle
+    from robometer_ros.training.export.onnx_export import export_bundle
 
     model, info = load_checkpoint(init)
     bundle = export_bundle(model.eval(), info.tokenizer, work / "bundle", frame_size=(frame, frame),
@@ -77,7 +77,7 @@ def score_step_ms(init: Path, frame: int, steps: int, work: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Print one row per (size, frame size)."""
-    from robometer_ros.training.metaworld import DEFAULT_MODEL_SIZES, write_default_model_init
+    from robometer_ros.training.data.metaworld import DEFAULT_MODEL_SIZES, write_default_model_init
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="a Meta-World dataset (robometer-dataset from-metaworld)")

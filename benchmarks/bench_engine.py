@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
           f"frame {fh}x{fw} (camera {ch}x{cw}), steps {args.steps}, replay {args.replay_frames} steps "
           f"(batch {args.batch_size or 'engine default'}), cpu count {os.cpu_count()}")
 
-    from robometer_ros.training.export import export_bundle
+    from robometer_ros.training.export.onnx_export import export_bundle
 
     rows: list[Row] = []
     replays: list[ReplayRow] = []

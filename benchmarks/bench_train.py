@@ -34,7 +34,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230)}
 
 
 def synthetic_dataset(directory: Path, size: int, per_task: int = 4, frames: int = 16) -> Path:
-    from robometer_ros.training.data import write_dataset
+    from robometer_ros.training.data.store import write_dataset
 
     rng = np.random.default_rng(0)
     labels = [SUCCESSFUL, SUCCESSFUL, SUBOPTIMAL, FAILURE]
@@ -61,8 +61,8 @@ def synthetic_dataset(directory: Path, size: int, per_task: int = 4, frames: int
 def measure(preset: str, size: int, batch: int, steps: int, warmup: int, checkpointing: bool, lora: bool) -> dict:
     import torch
 
-    from robometer_ros.training.config import load_config
-    from robometer_ros.training.trainer import Trainer
+    from robometer_ros.training.recipe.config import load_config
+    from robometer_ros.training.recipe.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_dataset(Path(tmp) / "data", size)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robometer_ros.training.data import FRAME_CODECS, Dataset, write_dataset
+from robometer_ros.training.data.store import FRAME_CODECS, Dataset, write_dataset
 from robometer_ros.trajectory import Trajectory
 
 

@@ -26,7 +26,7 @@ def export_tiny_bundle(out_dir: Path) -> Path:
     import torch
 
     from robometer_ros.model.tiny import tiny_model
-    from robometer_ros.training.export import export_bundle
+    from robometer_ros.training.export.onnx_export import export_bundle
 
     torch.set_num_threads(1)
     model, tokenizer = tiny_model(seed=0)

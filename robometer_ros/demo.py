@@ -55,7 +55,7 @@ CAMERA_FRAME_ID = "corner4_camera"
 NS_PER_S = 1_000_000_000
 
 # Demo bags: Meta-World scenes never used in training (seed 2), of tasks the default model trained on and of
-# held-out tasks (robometer_ros/training/metaworld_tasks.yaml), successes and failures. Each entry: (task,
+# held-out tasks (robometer_ros/training/data/metaworld_tasks.yaml), successes and failures. Each entry: (task,
 # behaviour, label it must have, a held-out wording of the task); the first such episode of the task's first 5
 # slots is taken (chosen by the simulator's outcome, never by the model).
 DEMO_SEED = 2
@@ -156,7 +156,7 @@ def read_demo_bag(path: Path) -> DemoEpisode:
 
 def make_bags(out: Path) -> int:
     """Generate the demo episodes (``DEMO_EPISODES``) and write them as bags under ``out``."""
-    from robometer_ros.training import metaworld
+    from robometer_ros.training.data import metaworld
 
     settings = metaworld.RenderSettings(frames=DEMO_FRAMES, size=DEMO_SIZE)
     out.mkdir(parents=True, exist_ok=True)

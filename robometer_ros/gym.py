@@ -223,7 +223,7 @@ class MetaWorldScene(gymnasium.Wrapper):
 
     def __init__(self, task: str, seed: int = 0, config_index: int = 0, size: int = 96,
                  camera: str = "corner4") -> None:
-        from robometer_ros.training.metaworld import RenderSettings, TaskScene
+        from robometer_ros.training.data.metaworld import RenderSettings, TaskScene
 
         self.scene = TaskScene(task, seed, RenderSettings(size=size, camera=camera))
         super().__init__(self.scene.env)

@@ -31,7 +31,7 @@ What a crash, a full disk or an unwritable directory can lose (issue 11):
   Every ``flush_s`` the writer thread ends the MCAP chunk in progress (chunks are also ended at 1 MiB by
   rosbags), hands it to the OS and fsyncs it (sqlite3: commits). A bag cut short by SIGKILL or power loss
   has no summary and no metadata.yaml; ``robometer-dataset repair BAG`` rebuilds both from the flushed
-  chunks (robometer_ros.training.bag_repair).
+  chunks (robometer_ros.training.data.bag_repair).
 * on a disk getting full: the free space is checked before an episode opens, at every flush and after
   every quarter of ``min_free_mb`` written; below
   ``min_free_mb`` the episode's bag is closed cleanly (readable, label key ``LABEL_STOPPED`` says why)

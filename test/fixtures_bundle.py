@@ -36,7 +36,7 @@ def build_tiny_bundle(out_dir: Path, include_checkpoint: bool | None = None, **e
     import torch
 
     from robometer_ros.model.tiny import tiny_model
-    from robometer_ros.training.export import export_bundle
+    from robometer_ros.training.export.onnx_export import export_bundle
 
     torch.set_num_threads(1)
     model, tokenizer = tiny_model(seed=0)
@@ -65,7 +65,7 @@ def build_mid_bundle(out_dir: Path) -> Any:
     import torch
 
     from robometer_ros.model.tiny import tiny_model
-    from robometer_ros.training.export import export_bundle
+    from robometer_ros.training.export.onnx_export import export_bundle
 
     torch.set_num_threads(1)
     model, tokenizer = tiny_model(seed=1, size="mid")

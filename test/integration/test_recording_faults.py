@@ -43,7 +43,7 @@ from robometer_ros.msg import StepReward
 from robometer_ros.recorder import LABEL_STOPPED, EpisodeRecorder, read_episode_label
 from robometer_ros.ros_graph import REPO
 from robometer_ros.srv import EndEpisode
-from robometer_ros.training.bag_repair import needs_repair, repair_bag
+from robometer_ros.training.data.bag_repair import needs_repair, repair_bag
 
 IMAGE_TOPIC = "/camera/image"
 

@@ -166,7 +166,7 @@ def test_recording_writes_a_bag_per_episode_that_reads_back(start_node, probe, t
     assert f"{NODE}/failure_flag" in topics  # the end verdict (LOW_SUCCESS_AT_END) is on record
 
     # The training importer reads the node's bag back as one labelled trajectory, colours intact.
-    from robometer_ros.training.bags import read_bag
+    from robometer_ros.training.data.bags import read_bag
 
     (trajectory,) = read_bag(bag)
     assert trajectory.instruction == "stack the cups" and trajectory.quality_label == "failure"

@@ -315,7 +315,7 @@ def test_the_node_scores_an_episode_exactly_as_the_offline_session(start_node, p
 
 def test_a_calibration_file_is_loaded_as_it_is(start_node, probe, tmp_path):
     from robometer_ros.monitor import MonitorConfig
-    from robometer_ros.training.calibrate import parameters_yaml
+    from robometer_ros.training.evaluation.calibrate import parameters_yaml
 
     chosen = MonitorConfig(success_threshold=0.72, stall_timeout_s=1.25, end_window_steps=4, stall_grace_s=0.0)
     calibration = tmp_path / "calibration.yaml"

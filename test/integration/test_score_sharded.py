@@ -25,8 +25,8 @@ def _score(out: Path, *source: str, ranks: int = 0) -> subprocess.CompletedProce
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'test'}"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--standalone"]
                 if ranks else [sys.executable])
-    command = [*launcher, "-m", "robometer_ros.training.score", str(BUNDLE), *source, "--backend", "onnxruntime",
-               "--frame-rate", "2", "--out", str(out)]  # the 10 Hz squares: every 5th frame
+    command = [*launcher, "-m", "robometer_ros.training.evaluation.score", str(BUNDLE), *source,
+               "--backend", "onnxruntime", "--frame-rate", "2", "--out", str(out)]  # the 10 Hz squares: every 5th frame
     # a timeout here means the gather deadlocked
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

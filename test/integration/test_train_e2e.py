@@ -18,13 +18,13 @@ from robometer_ros.engine.bundle import Bundle
 from robometer_ros.monitor import MonitorConfig
 from robometer_ros.node_parameters import load_parameters
 from robometer_ros.recorder import make_typestore
-from robometer_ros.training.calibrate import main as calibrate_main
-from robometer_ros.training.evaluate import main as eval_main
-from robometer_ros.training.export import main as export_main
-from robometer_ros.training.metaworld import TaskCatalog
-from robometer_ros.training.score import main as score_main
-from robometer_ros.training.trainer import main as train_main
-from robometer_ros.training.trainer import open_split
+from robometer_ros.training.data.metaworld import TaskCatalog
+from robometer_ros.training.data.store import open_split
+from robometer_ros.training.evaluation.calibrate import main as calibrate_main
+from robometer_ros.training.evaluation.evaluate import main as eval_main
+from robometer_ros.training.evaluation.score import main as score_main
+from robometer_ros.training.export.onnx_export import main as export_main
+from robometer_ros.training.recipe.trainer import main as train_main
 from support.synthetic_squares import COLOURS, instruction_for, make_trajectories, write_square_dataset
 
 RECIPE = Path(__file__).resolve().parents[2] / "training" / "tiny_cpu.yaml"
@@ -38,7 +38,7 @@ def _metrics(path: Path) -> dict:
 
 
 def _write_catalog(path: Path) -> TaskCatalog:
-    """A task catalog (the format of training/metaworld_tasks.yaml) for the synthetic square tasks."""
+    """A task catalog (the format of robometer_ros/training/data/metaworld_tasks.yaml) for the synthetic squares."""
     lines = ["heldout_tasks: []", "phrasings:"]
     for colour in COLOURS:
         lines += [f"  {colour}:", f"    train: ['{instruction_for(colour)}', 'move the {colour} square right']",

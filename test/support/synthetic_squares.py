@@ -81,7 +81,7 @@ def make_trajectories(episodes_per_task: int = 6, seed: int = 0, split: str | No
 def write_square_dataset(directory: Path, episodes_per_task: int = 6, eval_episodes_per_task: int = 4,
                          seed: int = 0) -> Path:
     """A dataset directory with train/ and val/ splits (as `DIR/<split>/` sub-datasets)."""
-    from robometer_ros.training.data import write_dataset
+    from robometer_ros.training.data.store import write_dataset
 
     write_dataset(directory / "train", make_trajectories(episodes_per_task, seed, "train"), frame_codec="npz")
     write_dataset(directory / "val", make_trajectories(eval_episodes_per_task, seed + 1000, "val"),

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from robometer_ros.training.config import load_config
-from robometer_ros.training.trainer import Trainer
+from robometer_ros.training.recipe.config import load_config
+from robometer_ros.training.recipe.trainer import Trainer
 
 
 def main() -> int:

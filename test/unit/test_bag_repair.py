@@ -26,9 +26,9 @@ from robometer_ros.recorder import (
     make_typestore,
     read_episode_label,
 )
-from robometer_ros.training.bag_repair import BagRepairError, needs_repair, repair_bag
-from robometer_ros.training.bags import BagImportError, BagImportOptions, ImportReport, read_bag
-from robometer_ros.training.dataset_cli import main as dataset_main
+from robometer_ros.training.data.bag_repair import BagRepairError, needs_repair, repair_bag
+from robometer_ros.training.data.bags import BagImportError, BagImportOptions, ImportReport, read_bag
+from robometer_ros.training.data.dataset_cli import main as dataset_main
 
 TOPICS = RecordTopics(image="/cam", instruction="/task", episode_status="/rn/episode")
 T0 = 1_700_000_000 * 10**9

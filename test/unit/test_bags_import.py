@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from robometer_ros.recorder import EpisodeRecorder, RecordTopics, make_typestore
-from robometer_ros.training.bags import (
+from robometer_ros.training.data.bags import (
     BagImportError,
     BagImportOptions,
     ImportReport,
@@ -22,10 +22,9 @@ from robometer_ros.training.bags import (
     read_bag,
     read_bags,
 )
-from robometer_ros.training.data import Dataset, DatasetWriter
-from robometer_ros.training.dataset_cli import main as dataset_main
-from robometer_ros.training.evaluate import resolve_split
-from robometer_ros.training.trainer import open_split
+from robometer_ros.training.data.dataset_cli import main as dataset_main
+from robometer_ros.training.data.store import Dataset, DatasetWriter, open_split
+from robometer_ros.training.evaluation.evaluate import resolve_split
 
 TS = make_typestore()
 T = TS.types

@@ -16,8 +16,8 @@ import pytest
 
 from robometer_ros.monitor import MonitorConfig
 from robometer_ros.node_parameters import load_parameters
-from robometer_ros.training import calibrate as cal
-from robometer_ros.training.verdicts import ScoredEpisode, detection_figures, judge
+from robometer_ros.training.evaluation import calibrate as cal
+from robometer_ros.training.recipe.verdicts import ScoredEpisode, detection_figures, judge
 
 
 def _episode(kind: str, i: int, rng: np.random.Generator) -> ScoredEpisode:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from robometer_ros.training.config import (
+from robometer_ros.training.recipe.config import (
     ConfigError,
     TrainConfig,
     apply_overrides,

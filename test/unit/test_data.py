@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from robometer_ros.training.data import (
+from robometer_ros.training.data.dataset_cli import main as dataset_main
+from robometer_ros.training.data.hf_rows import HfImportOptions, HfImportReport, HfRowError, read_hf_rows
+from robometer_ros.training.data.store import (
     Dataset,
     DatasetError,
     DatasetWriter,
@@ -20,8 +22,6 @@ from robometer_ros.training.data import (
     summarize,
     write_dataset,
 )
-from robometer_ros.training.dataset_cli import main as dataset_main
-from robometer_ros.training.hf_rows import HfImportOptions, HfImportReport, HfRowError, read_hf_rows
 from robometer_ros.trajectory import Trajectory
 
 

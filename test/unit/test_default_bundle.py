@@ -19,7 +19,7 @@ from robometer_ros.episode import subsample_indices
 from robometer_ros.monitor import EventKind, FailureReason
 from robometer_ros.node_parameters import default_parameters_file, load_parameters
 from robometer_ros.session import ScoringSession, SessionConfig, replay
-from robometer_ros.training.metaworld import CATALOG, DEFAULT_FRAME_SIZE
+from robometer_ros.training.data.metaworld import CATALOG, DEFAULT_FRAME_SIZE
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "default"

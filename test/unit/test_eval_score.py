@@ -16,20 +16,20 @@ import pytest
 
 from robometer_ros.monitor import MonitorConfig
 from robometer_ros.session import ScoringSession, SessionConfig
-from robometer_ros.training.data import InMemoryDataset
-from robometer_ros.training.evaluate import (
-    EvalOptions,
-    FailureRule,
-    evaluate_collection,
-    format_table,
-    preference_pairs,
-)
-from robometer_ros.training.score import (
+from robometer_ros.training.data.store import InMemoryDataset
+from robometer_ros.training.evaluation.score import (
     assign_ranks,
     companion_path,
     score_episode,
     score_trajectories,
     write_tables,
+)
+from robometer_ros.training.recipe.validation import (
+    EvalOptions,
+    FailureRule,
+    evaluate_collection,
+    format_table,
+    preference_pairs,
 )
 from robometer_ros.trajectory import FAILURE, SUBOPTIMAL, SUCCESSFUL
 from support.synthetic_squares import COLOURS, FRAME_SIZE, SQUARE, make_trajectories
@@ -86,7 +86,7 @@ class OracleEngine:
             self.frames.pop(frame_id, None)
 
     def score(self, instruction, frame_ids):
-        from robometer_ros.training.evaluate import StepScores
+        from robometer_ros.training.recipe.validation import StepScores
 
         progress = np.asarray([OraclePredictor._progress(instruction, self.frames[i]) for i in frame_ids])
         return StepScores(progress, (progress > 0.95) * 0.9 + 0.05)
@@ -203,7 +203,7 @@ def test_single_episode_ranks() -> None:
 
 
 def test_jpeg_transport_is_what_the_node_decodes_from_a_compressed_camera(collection: InMemoryDataset) -> None:
-    from robometer_ros.training.evaluate import JpegTransport
+    from robometer_ros.training.evaluation.evaluate import JpegTransport
 
     frames = collection[0].frames
     sent = JpegTransport(quality=95)(frames)
@@ -226,7 +226,7 @@ def test_rephrased_instructions_reach_the_model_and_metrics_still_group_by_task(
     metrics = evaluate_collection(Recording(), collection, reworded)["overall"]
     assert seen and all(text.startswith("move that") for text in seen)
     assert metrics["ranking_tasks"] == 3 and metrics["voc"] > 0.95  # same task, other words: same scores
-    from robometer_ros.training.evaluate import score_trajectories as eval_scores
+    from robometer_ros.training.recipe.validation import score_trajectories as eval_scores
 
     swapped = EvalOptions(max_pairs=0, num_plots=0, rephrase=lambda text, key: text.replace("red", "blue"))
     for sample, progress, _ in eval_scores(OraclePredictor(), collection, swapped):  # the words matter

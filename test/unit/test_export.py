@@ -18,7 +18,7 @@ from robometer_ros.engine.bundle import ALL_PART_NAMES, Bundle, BundleError
 from robometer_ros.model.checkpoint import save_checkpoint
 from robometer_ros.model.prompt import PromptBuilder
 from robometer_ros.preprocess import FramePreprocessor
-from robometer_ros.training import export
+from robometer_ros.training.export import onnx_export
 
 torch.set_num_threads(1)
 
@@ -42,12 +42,12 @@ def test_graphs_have_no_data_dependent_ops(tiny_bundle) -> None:
         # allowed are M-RoPE's static interleave slices inside the rotary embedding
         scatters = [n.name for n in model.graph.node if n.op_type == "ScatterND"]
         assert all(name.startswith("/rotary_emb/") for name in scatters), (part, scatters)
-        assert model.opset_import[0].version == export.OPSET
+        assert model.opset_import[0].version == onnx_export.OPSET
 
 
 def test_parity_check_passes_on_the_exported_bundle(tiny_bundle) -> None:
     builder = PromptBuilder(tiny_bundle.tokenizer)
-    reports = export.parity_check(tiny_bundle.model, tiny_bundle.path / "onnx", builder,
+    reports = onnx_export.parity_check(tiny_bundle.model, tiny_bundle.path / "onnx", builder,
                                   tiny_bundle.bundle.manifest.frame, 8, "fp32", log=lambda *_: None,
                                   prefix_parts=True)
     assert len(reports) == 6 and reports[-1].case.startswith("language_prefix + language_suffix vs language")
@@ -60,7 +60,7 @@ def test_parity_check_detects_a_different_model(tiny_bundle) -> None:
     with torch.no_grad():
         model.progress_head[-1].bias.add_(0.5)  # only the progress logits change
     builder = PromptBuilder(tiny_bundle.tokenizer)
-    reports = export.parity_check(model, tiny_bundle.path / "onnx", builder, tiny_bundle.bundle.manifest.frame, 8,
+    reports = onnx_export.parity_check(model, tiny_bundle.path / "onnx", builder, tiny_bundle.bundle.manifest.frame, 8,
                                   "fp32", log=lambda *_: None, prefix_parts=True)
     vision = [r for r in reports if r.case.startswith("vision")]
     language = [r for r in reports if not r.case.startswith("vision")]
@@ -70,8 +70,8 @@ def test_parity_check_detects_a_different_model(tiny_bundle) -> None:
 
 
 def test_failed_parity_fails_the_export_and_leaves_no_bundle(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(export.TOLERANCES, "fp32", (-1.0, 0.0))  # nothing can pass
-    with pytest.raises(export.ExportError, match="ONNX Runtime disagrees with PyTorch"):
+    monkeypatch.setitem(onnx_export.TOLERANCES, "fp32", (-1.0, 0.0))  # nothing can pass
+    with pytest.raises(onnx_export.ExportError, match="ONNX Runtime disagrees with PyTorch"):
         build_tiny_bundle(tmp_path / "b", include_checkpoint=False)
     assert not (tmp_path / "b").exists()
     assert list(tmp_path.iterdir()) == []  # the staging directory is gone too
@@ -91,7 +91,7 @@ def test_external_data_export(tmp_path: Path) -> None:
         assert m.parts[part].external_data[0] == "language.onnx.data"
         assert sizes.get(f"onnx/{part}.onnx.data", 0) < sizes["onnx/language.onnx.data"] / 10
     # and still computes the same thing (the exporter's parity check ran on the shared files; run it again)
-    reports = export.parity_check(tiny.model, tmp_path / "b" / "onnx", PromptBuilder(tiny.tokenizer), m.frame, 8,
+    reports = onnx_export.parity_check(tiny.model, tmp_path / "b" / "onnx", PromptBuilder(tiny.tokenizer), m.frame, 8,
                                   "fp32", log=lambda *_: None, prefix_parts=True)
     assert all(r.ok for r in reports)
     try:
@@ -136,7 +136,7 @@ def test_language_part_parity_over_frame_counts(tiny_bundle, num_frames: int) ->
         "prog_positions": layout.prog_positions,
     }
     with torch.no_grad():
-        ref = model.forward_language(*(torch.from_numpy(feed[n]) for n in export.LANGUAGE_INPUTS))
+        ref = model.forward_language(*(torch.from_numpy(feed[n]) for n in onnx_export.LANGUAGE_INPUTS))
     got = _session(tiny_bundle.bundle.part_path("language")).run(None, feed)
     assert got[0].shape == (num_frames, 10)
     np.testing.assert_allclose(got[0], ref["progress_logits"].numpy(), atol=ATOL, rtol=0)
@@ -149,7 +149,7 @@ def test_cli_exports_a_checkpoint(tiny_bundle, tmp_path: Path, capsys) -> None:
     save_checkpoint(tiny_bundle.model, tiny_bundle.tokenizer, ckpt)
     out = tmp_path / "bundle"
     h, w = TINY_FRAME_SIZE
-    assert export.main([str(ckpt), str(out), "--frame-size", f"{h}x{w}", "--model-id", "cli-test",
+    assert onnx_export.main([str(ckpt), str(out), "--frame-size", f"{h}x{w}", "--model-id", "cli-test",
                         "--num-frames", "4"]) == 0
     b = Bundle.open(out)
     assert b.model_id == "cli-test" and b.manifest.num_frames == 4
@@ -161,7 +161,7 @@ def test_cli_exports_a_checkpoint(tiny_bundle, tmp_path: Path, capsys) -> None:
         ref = tiny_bundle.model.encode_frame(torch.from_numpy(pixels), b.manifest.frame.grid_thw)[0].numpy()
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
     # an existing bundle is not overwritten without --overwrite
-    assert export.main([str(ckpt), str(out), "--frame-size", f"{h}x{w}"]) == 1
+    assert onnx_export.main([str(ckpt), str(out), "--frame-size", f"{h}x{w}"]) == 1
     assert "already exists" in capsys.readouterr().err
 
 
@@ -170,18 +170,18 @@ def test_cli_takes_the_frame_size_a_checkpoint_was_trained_at(tiny_bundle, tmp_p
     save_checkpoint(tiny_bundle.model, tiny_bundle.tokenizer, ckpt)
     h, w = TINY_FRAME_SIZE
     (ckpt / "training.json").write_text(json.dumps({"frame_size": [h, w], "num_frames": 8}))
-    assert export.main([str(ckpt), str(tmp_path / "bundle"), "--num-frames", "4"]) == 0
+    assert onnx_export.main([str(ckpt), str(tmp_path / "bundle"), "--num-frames", "4"]) == 0
     frame = Bundle.open(tmp_path / "bundle").manifest.frame
-    assert (frame.height, frame.width) == (h, w) != export.DEFAULT_FRAME_SIZE
+    assert (frame.height, frame.width) == (h, w) != onnx_export.DEFAULT_FRAME_SIZE
 
 
 def test_cli_rejects_a_frame_size_off_the_patch_grid(tiny_bundle, tmp_path: Path, capsys) -> None:
     ckpt = tmp_path / "ckpt"
     save_checkpoint(tiny_bundle.model, tiny_bundle.tokenizer, ckpt)
-    assert export.main([str(ckpt), str(tmp_path / "b"), "--frame-size", "70x96"]) == 1
+    assert onnx_export.main([str(ckpt), str(tmp_path / "b"), "--frame-size", "70x96"]) == 1
     assert "multiples of 32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        export.main([str(ckpt), str(tmp_path / "b"), "--frame-size", "big"])
+        onnx_export.main([str(ckpt), str(tmp_path / "b"), "--frame-size", "big"])
 
 
 @pytest.mark.slow
@@ -195,9 +195,9 @@ def test_cli_released_layout_needs_the_base_model_tokenizer(tiny_bundle, tmp_pat
     base = tmp_path / "qwen3vl-base"
     save_tokenizer(tiny_bundle.tokenizer, base)
     h, w = TINY_FRAME_SIZE
-    assert export.main([str(ckpt), str(tmp_path / "b1"), "--frame-size", f"{h}x{w}"]) == 1
+    assert onnx_export.main([str(ckpt), str(tmp_path / "b1"), "--frame-size", f"{h}x{w}"]) == 1
     assert "pass --base-model DIR" in capsys.readouterr().err
-    assert export.main([str(ckpt), str(tmp_path / "b2"), "--frame-size", f"{h}x{w}", "--base-model", str(base),
+    assert onnx_export.main([str(ckpt), str(tmp_path / "b2"), "--frame-size", f"{h}x{w}", "--base-model", str(base),
                         "--include-checkpoint"]) == 0
     b = Bundle.open(tmp_path / "b2")
     assert b.checkpoint_path is not None and (b.checkpoint_path / "tokenizer.json").is_file()
@@ -215,7 +215,8 @@ def test_pack_external_data_streams_per_tensor_files(tiny_bundle, tmp_path: Path
     assert len(list(split_dir.iterdir())) > 10
     out = tmp_path / "packed" / "language.onnx"
     out.parent.mkdir()
-    export._pack_external_data(onnx.load(str(split_dir / "language.onnx"), load_external_data=False), split_dir, out)
+    split = onnx.load(str(split_dir / "language.onnx"), load_external_data=False)
+    onnx_export._pack_external_data(split, split_dir, out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["language.onnx", "language.onnx.data"]
     packed = onnx.load(str(out))
     got = {i.name: onnx.numpy_helper.to_array(i) for i in packed.graph.initializer}

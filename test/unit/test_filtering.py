@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from robometer_ros.node_parameters import session_config_from_files
-from robometer_ros.training import filtering as fb
-from robometer_ros.training import metaworld as mw
+from robometer_ros.training.data import metaworld as mw
+from robometer_ros.training.evaluation import filtering as fb
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "default"
 
@@ -120,7 +120,7 @@ def test_tiny_experiment_end_to_end_is_reproducible_from_the_cached_pool(tmp_pat
     first = fb.run_experiment(config, engine, session_config, tmp_path / "a", tmp_path / "pool", progress_bar=False)
     for name in ("table.md", "results.json", "success_rates.png", "pool_scores.csv"):
         assert (tmp_path / "a" / name).stat().st_size > 0
-    from robometer_ros.training.data import Dataset
+    from robometer_ros.training.data.store import Dataset
 
     pool = Dataset(tmp_path / "pool")
     assert len(pool) == 9 and all(meta.step_data for meta in pool.metas)
@@ -151,7 +151,7 @@ def test_a_checkpoint_scores_through_the_session_as_its_bundle_does(tiny_bundle)
     for engine in (fb.open_engine(tiny_bundle.path), fb.open_engine(tiny_bundle.path / "checkpoint")):
         session = ScoringSession(engine, SessionConfig(num_frames=engine.num_frames, frame_rate=0.0))
         scores.append(replay(session, TINY_INSTRUCTION, stamps, frames).step_scores())
-    from robometer_ros.training.evaluate import CheckpointEngine
+    from robometer_ros.training.recipe.validation import CheckpointEngine
 
     assert isinstance(engine, CheckpointEngine)
     assert scores[0].shape == (6, 3)

@@ -153,7 +153,7 @@ def test_default_bundle_on_metaworld_rises_for_the_expert_and_not_when_standing_
 
     from robometer_ros.engine.reward_engine import RewardEngine
     from robometer_ros.gym import MetaWorldScene
-    from robometer_ros.training.metaworld import instruction_for
+    from robometer_ros.training.data.metaworld import instruction_for
 
     task = "door-open-v3"
     engine = RewardEngine(BUNDLE, backend="onnxruntime", intra_op_threads=1)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from robometer_ros.training.losses import (
+from robometer_ros.training.recipe.losses import (
     LossWeights,
     preference_loss,
     progress_loss,

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("metaworld")
 pytest.importorskip("mujoco")
 
-from robometer_ros.training import dataset_cli
-from robometer_ros.training import metaworld as mw
-from robometer_ros.training.data import Dataset
+from robometer_ros.training.data import dataset_cli
+from robometer_ros.training.data import metaworld as mw
+from robometer_ros.training.data.store import Dataset
 from robometer_ros.trajectory import FAILURE, SUBOPTIMAL, SUCCESSFUL
 
 SETTINGS = mw.RenderSettings(frames=8, size=48)

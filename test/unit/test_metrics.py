@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from robometer_ros.training.metrics import (
+from robometer_ros.training.recipe.metrics import (
     OVERALL,
     EpisodeResult,
     PreferenceResult,

@@ -423,7 +423,7 @@ def _write_released_checkpoint(model, out: Path) -> None:
 def released(tmp_path_factory, tokenizer, base_dir):
     """A tiny model with the real vocabulary, saved as the release is, and exported by the CLI."""
     from robometer_ros.model.robometer import RobometerModel
-    from robometer_ros.training import export
+    from robometer_ros.training.export import onnx_export
 
     root = tmp_path_factory.mktemp("released")
     config = tiny_config(RELEASED_VOCAB, backbone_token_ids(tokenizer))
@@ -435,7 +435,7 @@ def released(tmp_path_factory, tokenizer, base_dir):
     reference = RobometerModel(config).eval()
     reference.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
     bundle_dir = root / "bundle"
-    rc = export.main([str(checkpoint), str(bundle_dir), "--base-model", str(base_dir), "--frame-size", "256x320"])
+    rc = onnx_export.main([str(checkpoint), str(bundle_dir), "--base-model", str(base_dir), "--frame-size", "256x320"])
     return checkpoint, bundle_dir, reference, rc
 
 
@@ -456,11 +456,11 @@ def test_released_config_dtype_does_not_override_the_requested_dtype(released, b
 
 @pytest.mark.slow  # shares the ~10 s export of the `released` fixture
 def test_release_needs_the_base_model_for_its_tokenizer(released, tmp_path, capsys):
-    from robometer_ros.training import export
+    from robometer_ros.training.export import onnx_export
 
     checkpoint = released[0]
     assert not any(checkpoint.glob("tokenizer*"))
-    assert export.main([str(checkpoint), str(tmp_path / "b")]) == 1
+    assert onnx_export.main([str(checkpoint), str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
     assert "ships no tokenizer.json" in err and "base" in err
     assert not (tmp_path / "b").exists()
@@ -536,11 +536,11 @@ def test_fp16_export_of_the_release_stays_close_to_the_fp32_reference(released, 
     # docs/REAL_ROBOT.md recommends --fp16 for robots: bf16 shards -> fp16 ONNX, scored by ONNX Runtime (CPU here).
     from robometer_ros.engine.reward_engine import RewardEngine
     from robometer_ros.preprocess import FramePreprocessor
-    from robometer_ros.training import export
+    from robometer_ros.training.export import onnx_export
 
     checkpoint, _, reference, _ = released
     bundle_dir = tmp_path / "bundle-fp16"
-    assert export.main([str(checkpoint), str(bundle_dir), "--base-model", str(base_dir), "--frame-size", "256x320",
+    assert onnx_export.main([str(checkpoint), str(bundle_dir), "--base-model", str(base_dir), "--frame-size", "256x320",
                         "--fp16"]) == 0
     engine = RewardEngine(bundle_dir, backend="onnxruntime", intra_op_threads=1)
     assert engine.bundle.manifest.precision == "fp16"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robometer_ros.training.data import InMemoryDataset, write_dataset
-from robometer_ros.training.sampling import (
+from robometer_ros.training.data.store import InMemoryDataset, write_dataset
+from robometer_ros.training.recipe.sampling import (
     PairSampler,
     ProgressSampler,
     SamplingConfig,

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robometer_ros.training.bags import UniqueEpisodeIds
-from robometer_ros.training.score import EpisodeScores
-from robometer_ros.training.sharding import (
+from robometer_ros.training.data.bags import UniqueEpisodeIds
+from robometer_ros.training.evaluation.score import EpisodeScores
+from robometer_ros.training.evaluation.sharding import (
     Shard,
     ShardedEpisodes,
     ShardError,

@@ -13,17 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from robometer_ros.model.tiny import tiny_model
-from robometer_ros.training.collate import BatchCollator, RobometerBatchModule
-from robometer_ros.training.config import TrainConfig, load_config
-from robometer_ros.training.data import DatasetError, write_dataset
-from robometer_ros.training.sampling import PairSampler, SamplingConfig
-from robometer_ros.training.trainer import (
+from robometer_ros.training.data.store import DatasetError, open_split, write_dataset
+from robometer_ros.training.recipe.collate import BatchCollator, RobometerBatchModule
+from robometer_ros.training.recipe.config import TrainConfig, load_config
+from robometer_ros.training.recipe.sampling import PairSampler, SamplingConfig
+from robometer_ros.training.recipe.trainer import (
     StepBatchSampler,
     Trainer,
     lora_merged_state_dict,
     lr_factor,
     main,
-    open_split,
     prepare_trainable,
 )
 from support.synthetic_squares import make_trajectories, write_square_dataset
@@ -283,7 +282,7 @@ def _hf_base_model(directory: Path, extra_rows: int = 16) -> torch.nn.Module:
 
 
 def test_start_from_a_hugging_face_qwen3vl_backbone(tmp_path: Path, squares: Path) -> None:
-    from robometer_ros.training.trainer import init_from_base_model
+    from robometer_ros.training.recipe.trainer import init_from_base_model
 
     hf = _hf_base_model(tmp_path / "base")
     model, tokenizer = init_from_base_model(tmp_path / "base", num_frames=8, seed=0)

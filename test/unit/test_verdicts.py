@@ -15,7 +15,7 @@ import pytest
 
 from robometer_ros.monitor import MonitorConfig
 from robometer_ros.session import SessionConfig
-from robometer_ros.training.verdicts import (
+from robometer_ros.training.recipe.verdicts import (
     bootstrap_intervals,
     detection_figures,
     failure_onset,

@@ -22,8 +22,8 @@ with ``end`` (which scores the last frame), and the node's EpisodeMonitor judgin
 Filter demonstrations with e.g. `final_progress > 0.8 and not predicted_failure`, or keep the top-k per task
 by rank_in_task (as the paper does to filter play data and rank demonstrations).
 
-Sharded over GPUs and machines with the same command under torchrun (robometer_ros.training.sharding):
-`torchrun --nproc_per_node 4 -m robometer_ros.training.score MODEL --bags /fleet/bags --out scores.parquet`
+Sharded over GPUs and machines with the same command under torchrun (robometer_ros.training.evaluation.sharding):
+`torchrun --nproc_per_node 4 -m robometer_ros.training.evaluation.score MODEL --bags /fleet/bags --out scores.parquet`
 scores a slice of the bags (or dataset episodes) per rank; rank 0 writes the one merged output.
 """
 
@@ -40,8 +40,8 @@ import numpy as np
 
 from robometer_ros.monitor import EventKind
 from robometer_ros.session import NS_PER_S, ScoringSession, SessionConfig, replay
-from robometer_ros.training.evaluate import add_model_arguments, open_predictor
-from robometer_ros.training.verdicts import label_outcome
+from robometer_ros.training.evaluation.evaluate import add_model_arguments, open_predictor
+from robometer_ros.training.recipe.verdicts import label_outcome
 from robometer_ros.trajectory import UNKNOWN, Trajectory
 
 EPISODE_COLUMNS = (
@@ -212,8 +212,8 @@ def write_tables(episodes: Sequence[EpisodeScores], out: str | Path) -> tuple[Pa
 
 def _bag_episodes(args: argparse.Namespace, shard: Any) -> tuple[Any, list[str], Any]:
     """This rank's bags as ShardedEpisodes (ids made unique at the merge), the bag names, the import report."""
-    from robometer_ros.training.bags import BagImportOptions, ImportReport, find_bags, read_bags
-    from robometer_ros.training.sharding import ShardedEpisodes
+    from robometer_ros.training.data.bags import BagImportOptions, ImportReport, find_bags, read_bags
+    from robometer_ros.training.evaluation.sharding import ShardedEpisodes
 
     options = BagImportOptions(
         image_topic=args.image_topic,
@@ -253,10 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from robometer_ros.engine.bundle import BundleError
-    from robometer_ros.training import sharding
-    from robometer_ros.training.bags import BagImportError
-    from robometer_ros.training.data import DatasetError
-    from robometer_ros.training.trainer import open_split
+    from robometer_ros.training.data.bags import BagImportError
+    from robometer_ros.training.data.store import DatasetError, open_split
+    from robometer_ros.training.evaluation import sharding
 
     report = unit_names = None
     try:

@@ -614,7 +614,7 @@ def run(args: argparse.Namespace) -> int:
     how many episodes of each kind got each label."""
     import json
 
-    from robometer_ros.training.data import DEFAULT_SHARD_SIZE, DatasetWriter
+    from robometer_ros.training.data.store import DEFAULT_SHARD_SIZE, DatasetWriter
 
     settings = RenderSettings(
         frames=args.frames, size=args.size, camera=args.camera, slow_factor=args.slow_factor,
@@ -730,11 +730,11 @@ def write_default_model_init(out_dir: str | os.PathLike[str], seed: int = 0,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m robometer_ros.training.metaworld {generate,init-model} ...``."""
-    parser = argparse.ArgumentParser(prog="python -m robometer_ros.training.metaworld", description=__doc__,
+    """``python -m robometer_ros.training.data.metaworld {generate,init-model} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m robometer_ros.training.data.metaworld", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    from robometer_ros.training.dataset_cli import add_output_arguments
+    from robometer_ros.training.data.dataset_cli import add_output_arguments
 
     generate_parser = commands.add_parser("generate", help="as robometer-dataset from-metaworld")
     add_output_arguments(generate_parser)

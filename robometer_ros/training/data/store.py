@@ -602,6 +602,27 @@ def open_dataset(
     return InMemoryDataset(source)
 
 
+def open_split(dataset: str | os.PathLike[str], split: str | None) -> TrajectoryCollection:
+    """The episodes of one split: `DIR/<split>/` if that is a dataset, else the episodes of DIR whose
+    metadata "split" equals `split`; split None (or "all") is every episode of DIR."""
+    root = Path(dataset)
+    if split not in (None, "", "all") and (root / split / "dataset.json").is_file():
+        return Dataset(root / split)
+    if not (root / "dataset.json").is_file():
+        raise DatasetError(f"{root} is not a dataset directory (no dataset.json) and has no split {split!r}")
+    collection = Dataset(root)
+    if split in (None, "", "all"):
+        return collection
+    subset = collection.filter(predicate=lambda meta: meta.metadata.get("split") == split)
+    if len(subset) == 0:
+        splits = sorted({str(m.metadata.get("split")) for m in collection.metas if "split" in m.metadata})
+        raise DatasetError(
+            f"{root} has no split {split!r}: no {root / split}/dataset.json and no episode with "
+            f"metadata split={split!r} (splits found in metadata: {splits or 'none'})"
+        )
+    return subset
+
+
 def write_dataset(
     directory: str | os.PathLike[str], trajectories: Iterable[Trajectory], frame_codec: str = "png",
     shard_size: int = DEFAULT_SHARD_SIZE,

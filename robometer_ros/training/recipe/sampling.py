@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from robometer_ros.episode import subsample_indices
-from robometer_ros.training.data import EpisodeMeta, TrajectoryCollection
+from robometer_ros.training.data.store import EpisodeMeta, TrajectoryCollection
 from robometer_ros.trajectory import FAILURE, SUBOPTIMAL, SUCCESSFUL, UNKNOWN
 
 

@@ -21,7 +21,7 @@ hands over one episode at a time, so memory holds one episode's kept frames.
 Nothing is dropped silently: unreadable bags, undecodable frames, frames outside any episode, and empty
 or too-short episodes are counted in the ImportReport with their reasons. An MCAP bag cut short (the
 recorder killed, a full disk: no metadata.yaml or no MCAP summary) is named as such, with the command that
-repairs it (robometer_ros.training.bag_repair); with ``repair=True`` it is repaired in place and imported,
+repairs it (robometer_ros.training.data.bag_repair); with ``repair=True`` it is repaired in place and imported,
 and the report counts what was recovered.
 """
 
@@ -42,7 +42,7 @@ import numpy as np
 
 from robometer_ros.episode import subsample_indices
 from robometer_ros.images import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
-from robometer_ros.training.data import ImportTally, format_counts
+from robometer_ros.training.data.store import ImportTally, format_counts
 from robometer_ros.trajectory import FAILURE, LABELS, SUCCESSFUL, UNKNOWN, Trajectory
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
@@ -639,7 +639,7 @@ def read_bag(bag: str | os.PathLike[str], options: BagImportOptions | None = Non
              report: ImportReport | None = None) -> Iterator[Trajectory]:
     """The trajectories of one bag, one episode at a time. Raises BagImportError for an unreadable bag
     or a missing topic; counts skipped episodes and frames in `report`."""
-    from robometer_ros.training.bag_repair import BagRepairError, needs_repair, repair_bag
+    from robometer_ros.training.data.bag_repair import BagRepairError, needs_repair, repair_bag
 
     options = options or BagImportOptions()
     report = report if report is not None else ImportReport()

@@ -15,7 +15,7 @@ holds, for B prompts of at most L tokens and P prog tokens each:
     pixel_values [sum of patch rows, patch_dim] float32, image_grid_thw [num images, 3] int64,
     prog_positions [B, P] int64, pref_positions [B] int64 (preference batches only)
 
-plus, for training batches, the targets of `robometer_ros.training.losses` (progress_a, progress_mask_a,
+plus, for training batches, the targets of `robometer_ros.training.recipe.losses` (progress_a, progress_mask_a,
 success_a, success_mask_a, preference_label). M-RoPE position ids are left to Qwen3VLModel, which computes
 them from input_ids, mm_token_type_ids, image_grid_thw and the attention mask exactly as PromptBuilder does.
 """
@@ -34,7 +34,7 @@ from robometer_ros.model.prompt import PromptBuilder, PromptLayout
 from robometer_ros.model.robometer import RobometerModel
 from robometer_ros.model.tokenizer import PAD_TOKEN, token_id
 from robometer_ros.preprocess import FramePreprocessor
-from robometer_ros.training.sampling import PairSample, stack_pair_labels
+from robometer_ros.training.recipe.sampling import PairSample, stack_pair_labels
 
 GridTHW = tuple[int, int, int]
 TARGET_KEYS = ("progress_a", "progress_mask_a", "success_a", "success_mask_a", "preference_label")

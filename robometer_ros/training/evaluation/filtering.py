@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from robometer_ros.training import metaworld as mw
+from robometer_ros.training.data import metaworld as mw
 from robometer_ros.trajectory import FAILURE, QUALITY_LABELS, SUBOPTIMAL, SUCCESSFUL, Trajectory
 
 CONDITIONS = ("top_k", "random_k", "all", "oracle_k")
@@ -237,7 +237,7 @@ def pool_trajectories(config: ExperimentConfig, pool_dir: str | Path | None = No
     if pool_dir is None:
         yield from stream
         return
-    from robometer_ros.training.data import DatasetWriter
+    from robometer_ros.training.data.store import DatasetWriter
 
     with DatasetWriter(pool_dir, frame_codec="png") as writer:
         for trajectory in stream:
@@ -246,7 +246,7 @@ def pool_trajectories(config: ExperimentConfig, pool_dir: str | Path | None = No
 
 
 def _read_pool(config: ExperimentConfig, directory: Path) -> Iterator[Trajectory]:
-    from robometer_ros.training.data import Dataset
+    from robometer_ros.training.data.store import Dataset
 
     dataset = Dataset(directory)
     wanted = {(task, slot) for task in config.tasks for slot in range(config.episodes_per_task)}
@@ -651,7 +651,7 @@ def ranking_quality(pool: Sequence[PoolEpisode], config: ExperimentConfig) -> di
     """Per task: how well the model's episode score orders the pool against the simulator (Kendall tau-a of
     score vs label rank, as robometer-eval's trajectory ranking) and the share of the top-k that is labelled
     successful (precision@k)."""
-    from robometer_ros.training.metrics import kendall_tau_a
+    from robometer_ros.training.recipe.metrics import kendall_tau_a
 
     out = {}
     for task in config.tasks:
@@ -840,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
 def open_engine(path: str | Path, backend: str = "onnxruntime") -> Any:
     """The scoring engine of a model directory: a bundle through RewardEngine, or a checkpoint through a torch
     CheckpointEngine (same engine interface, frames encoded at each score)."""
-    from robometer_ros.training.evaluate import is_bundle
+    from robometer_ros.training.evaluation.evaluate import is_bundle
 
     p = Path(path)
     if not p.is_dir():
@@ -849,9 +849,9 @@ def open_engine(path: str | Path, backend: str = "onnxruntime") -> Any:
         from robometer_ros.engine.reward_engine import RewardEngine
 
         return RewardEngine(p, backend=backend, verify_checksums=False, intra_op_threads=1)
-    from robometer_ros.training.evaluate import TorchPredictor
+    from robometer_ros.training.recipe.validation import TorchPredictor
 
-    return TorchPredictor.from_checkpoint(p, device="cpu").engine  # evaluate.CheckpointEngine
+    return TorchPredictor.from_checkpoint(p, device="cpu").engine  # validation.CheckpointEngine
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -875,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     about = {"path": str(args.bundle), "id": getattr(engine, "model_id", "checkpoint"),
              "backend": getattr(engine, "backend_name", "torch")}
-    from robometer_ros.training.data import DatasetError
+    from robometer_ros.training.data.store import DatasetError
 
     try:
         report = run_experiment(config, engine, session_config, args.out, args.pool, not args.no_progress, about)

@@ -1,8 +1,8 @@
 """Sharded scoring: ``robometer-score`` under torchrun scores a slice of the episodes per rank, one merged output.
 
-    torchrun --nproc_per_node 4 -m robometer_ros.training.score MODEL --bags /fleet/bags --out scores.parquet
+    torchrun --nproc_per_node 4 -m robometer_ros.training.evaluation.score MODEL --bags /fleet/bags --out scores.parquet
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m robometer_ros.training.score MODEL --dataset /shared/data --out scores.parquet
+        -m robometer_ros.training.evaluation.score MODEL --dataset /shared/data --out scores.parquet
 
 * Which episodes a rank takes (``Shard``, from torchrun's RANK / WORLD_SIZE / LOCAL_RANK /
   LOCAL_WORLD_SIZE): the *units* (dataset episodes, or bags: a bag is read by one rank only) round-robin,
@@ -194,8 +194,8 @@ def merge_gathered(gathered: Sequence[tuple[Sequence[int], Sequence[Any]]],
     (``read_bags(..., unique_ids=False)``): the ids are then made unique in the merged order, exactly as
     one ``read_bags`` over all bags does.
     """
-    from robometer_ros.training.bags import UniqueEpisodeIds
-    from robometer_ros.training.score import assign_ranks
+    from robometer_ros.training.data.bags import UniqueEpisodeIds
+    from robometer_ros.training.evaluation.score import assign_ranks
 
     keyed = [(unit, position, episode) for units, scored in gathered
              for position, (unit, episode) in enumerate(zip(units, scored))]

@@ -8,12 +8,18 @@ distributed, checkpoint, eval, log) plus `output_dir` and `seed`. Command-line o
 Values are parsed as YAML scalars/lists (`lora.target_modules=[q_proj,v_proj]`, `eval.split=null`). Every key
 is checked against the dataclasses: an unknown key, a value of the wrong type or a value out of range raises
 `ConfigError` naming the dotted key. Torch-free so that recipes can be checked anywhere.
+
+Also training.json (`write_training_info` / `read_training_info`): what a model saved by the trainer records of
+its training (frame size, frames, success cutoffs, training data, the whole config), which robometer-eval,
+robometer-score and robometer-export read for their defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,8 +76,9 @@ class DataConfig:
         use_known_progress: use stored per-frame progress (e.g. from a simulator) as the target instead of
             absolute_first_frame.
         num_workers: DataLoader worker processes per rank (0 = sample in the main process).
-        phrasings: a task catalog YAML (the format of training/metaworld_tasks.yaml); each pair shows one of
-            its task's `train` wordings instead of the stored instruction. null = stored instructions only.
+        phrasings: a task catalog YAML (the format of robometer_ros/training/data/metaworld_tasks.yaml); each
+            pair shows one of its task's `train` wordings instead of the stored instruction. null = stored
+            instructions only.
     """
 
     dataset: str = ""
@@ -418,3 +425,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (it loads back to an equal TrainConfig)."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------- training.json
+TRAINING_INFO_FILE = "training.json"
+
+
+def write_training_info(directory: Path, config: TrainConfig, step: int,
+                        data: dict[str, Any] | None = None) -> None:
+    """training.json next to a saved model: how it was trained (frame size and frames, which eval/score
+    reuse by default, the step, the training data (``training_data_info``) and the whole config)."""
+    info = {
+        "step": step,
+        "frame_size": config.data.frame_size,
+        "num_frames": config.data.num_frames,
+        "success_cutoffs": dict(config.data.success_cutoffs),
+        "training_data": data or {},
+        "config": config.to_dict(),
+    }
+    (directory / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_training_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """training.json of a model saved by the trainer, or {} (e.g. the released checkpoint)."""
+    path = Path(directory) / TRAINING_INFO_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())

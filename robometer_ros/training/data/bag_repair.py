@@ -330,7 +330,7 @@ def _label(target: Path, scans: list[_Scan], connections: dict[tuple[str, str, s
                 return custom
     label = {LABEL_EPISODE_ID: target.name, LABEL_INSTRUCTION: "", LABEL_OUTCOME: "unknown", LABEL_NOTE: "",
              LABEL_VERDICT: ""}
-    from robometer_ros.training.bags import _default_typestore
+    from robometer_ros.training.data.bags import _default_typestore
 
     store = _default_typestore()
     string_topics = {key for key in connections if key[1] == "std_msgs/msg/String"}

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from robometer_ros.monitor import MonitorConfig
-from robometer_ros.training.evaluate import json_ready
-from robometer_ros.training.verdicts import (
+from robometer_ros.training.recipe.validation import json_ready
+from robometer_ros.training.recipe.verdicts import (
     RULE,
     ScoredEpisode,
     Verdict,
@@ -303,10 +303,10 @@ def report(calibration: Calibration, episodes: Sequence[ScoredEpisode], settings
 def labelled_trajectories(args: argparse.Namespace) -> Iterable[Any]:
     """The labelled episodes of --dataset (one split) or --bags (the node's end-of-episode labels)."""
     if args.dataset:
-        from robometer_ros.training.trainer import open_split
+        from robometer_ros.training.data.store import open_split
 
         return iter(open_split(args.dataset, None if args.split == "all" else args.split))
-    from robometer_ros.training.bags import BagImportOptions, ImportReport, read_bags
+    from robometer_ros.training.data.bags import BagImportOptions, ImportReport, read_bags
 
     report_ = ImportReport()
     options = BagImportOptions(image_topic=args.image_topic, unknown_label="skip", min_frames=2)
@@ -320,7 +320,7 @@ def labelled_trajectories(args: argparse.Namespace) -> Iterable[Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of robometer-calibrate."""
-    from robometer_ros.training.evaluate import add_model_arguments
+    from robometer_ros.training.evaluation.evaluate import add_model_arguments
 
     parser = argparse.ArgumentParser(prog="robometer-calibrate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             episodes = load_scores(args.scores)
             session = session_config_from_files(args.params_file)
         else:
-            from robometer_ros.training.evaluate import open_predictor
+            from robometer_ros.training.evaluation.evaluate import open_predictor
 
             predictor = open_predictor(args.model, args.backend, args.device, args.tokenizer_dir,
                                        args.frame_size, args.batch_size)

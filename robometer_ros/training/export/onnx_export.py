@@ -999,7 +999,7 @@ def export_bundle(
 
 def _trained_frame_size(checkpoint: str) -> tuple[int, int] | None:
     """The frame size our trainer recorded in the checkpoint's training.json (None for other checkpoints)."""
-    from robometer_ros.training.trainer import read_training_info
+    from robometer_ros.training.recipe.config import read_training_info
 
     size = read_training_info(checkpoint).get("frame_size")
     return (int(size[0]), int(size[1])) if size else None
@@ -1007,7 +1007,7 @@ def _trained_frame_size(checkpoint: str) -> tuple[int, int] | None:
 
 def _training_record(checkpoint: str) -> dict[str, Any]:
     """What the manifest keeps of the checkpoint's training.json: the step, frame size and training data."""
-    from robometer_ros.training.trainer import read_training_info
+    from robometer_ros.training.recipe.config import read_training_info
 
     info = read_training_info(checkpoint)
     return {key: info[key] for key in ("step", "frame_size", "num_frames", "training_data") if key in info}

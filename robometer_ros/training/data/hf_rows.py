@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from robometer_ros.episode import subsample_indices
-from robometer_ros.training.data import ImportTally
+from robometer_ros.training.data.store import ImportTally
 from robometer_ros.trajectory import FAILURE, QUALITY_LABELS, SUCCESSFUL, Trajectory
 
 ROW_FILE_SUFFIXES = (".parquet", ".jsonl", ".json")

@@ -1,7 +1,7 @@
 """`robometer-train CONFIG.yaml key=value ...`: the one training entry point (single process or torchrun).
 
     robometer-train training/tiny_cpu.yaml data.dataset=data/synth output_dir=runs/tiny
-    python -m torch.distributed.run --nproc_per_node 4 --standalone -m robometer_ros.training.trainer \
+    python -m torch.distributed.run --nproc_per_node 4 --standalone -m robometer_ros.training.recipe.trainer \
         training/full_4b_fsdp.yaml model.init_checkpoint=... data.dataset=...
 
 What one optimiser step does: every rank takes its own `batch_size x grad_accum_steps` preference pairs
@@ -55,11 +55,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from robometer_ros.model.robometer import RobometerModel
-from robometer_ros.training.collate import BatchCollator, RobometerBatchModule, model_inputs, targets
-from robometer_ros.training.config import ConfigError, TrainConfig, load_config, save_config
-from robometer_ros.training.data import TrajectoryCollection
-from robometer_ros.training.losses import LossWeights, robometer_loss
-from robometer_ros.training.sampling import PairSampler, SamplingConfig, Strategy
+from robometer_ros.training.data.store import TrajectoryCollection, open_split
+from robometer_ros.training.recipe.collate import BatchCollator, RobometerBatchModule, model_inputs, targets
+from robometer_ros.training.recipe.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    save_config,
+    write_training_info,
+)
+from robometer_ros.training.recipe.losses import LossWeights, robometer_loss
+from robometer_ros.training.recipe.sampling import PairSampler, SamplingConfig, Strategy
 
 STATE_FILE = "training_state.pt"  # model + optimizer (full, unsharded)
 PROGRESS_FILE = "trainer_state.pt"  # step, scheduler, best score, world size, config (small)
@@ -131,29 +137,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def open_split(dataset: str | os.PathLike[str], split: str | None) -> TrajectoryCollection:
-    """The episodes of one split: `DIR/<split>/` if that is a dataset, else the episodes of DIR whose
-    metadata "split" equals `split`; split None (or "all") is every episode of DIR."""
-    from robometer_ros.training.data import Dataset, DatasetError
-
-    root = Path(dataset)
-    if split not in (None, "", "all") and (root / split / "dataset.json").is_file():
-        return Dataset(root / split)
-    if not (root / "dataset.json").is_file():
-        raise DatasetError(f"{root} is not a dataset directory (no dataset.json) and has no split {split!r}")
-    collection = Dataset(root)
-    if split in (None, "", "all"):
-        return collection
-    subset = collection.filter(predicate=lambda meta: meta.metadata.get("split") == split)
-    if len(subset) == 0:
-        splits = sorted({str(m.metadata.get("split")) for m in collection.metas if "split" in m.metadata})
-        raise DatasetError(
-            f"{root} has no split {split!r}: no {root / split}/dataset.json and no episode with "
-            f"metadata split={split!r} (splits found in metadata: {splits or 'none'})"
-        )
-    return subset
-
-
 def sampling_config(config: TrainConfig) -> SamplingConfig:
     """The PairSampler settings of a run.
 
@@ -175,7 +158,7 @@ def task_catalog(config: TrainConfig) -> Any:
     """The run's task catalog (``data.phrasings``), or None."""
     if not config.data.phrasings:
         return None
-    from robometer_ros.training.metaworld import TaskCatalog
+    from robometer_ros.training.data.metaworld import TaskCatalog
 
     return TaskCatalog.load(config.data.phrasings)
 
@@ -420,9 +403,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-TRAINING_INFO_FILE = "training.json"
-
-
 def training_data_info(config: TrainConfig, collection: TrajectoryCollection) -> dict[str, Any]:
     """What a model was trained on, for training.json and the bundle manifest: the stored instructions of the
     training split and, with ``data.phrasings``, the task catalog's split (tasks and wordings, file digest)."""
@@ -431,29 +411,6 @@ def training_data_info(config: TrainConfig, collection: TrajectoryCollection) ->
     if catalog is not None:
         info["task_catalog"] = catalog.summary()
     return info
-
-
-def write_training_info(directory: Path, config: TrainConfig, step: int,
-                        data: dict[str, Any] | None = None) -> None:
-    """training.json next to a saved model: how it was trained (frame size and frames, which eval/score
-    reuse by default, the step, the training data (``training_data_info``) and the whole config)."""
-    info = {
-        "step": step,
-        "frame_size": config.data.frame_size,
-        "num_frames": config.data.num_frames,
-        "success_cutoffs": dict(config.data.success_cutoffs),
-        "training_data": data or {},
-        "config": config.to_dict(),
-    }
-    (directory / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def read_training_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """training.json of a model saved by the trainer, or {} (e.g. the released checkpoint)."""
-    path = Path(directory) / TRAINING_INFO_FILE
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())
 
 
 def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
@@ -743,7 +700,7 @@ class Trainer:
         """Held-out evaluation with robometer-eval's metrics (collective under FSDP; rank 0 under DDP)."""
         if self.eval_collection is None:
             return None
-        from robometer_ros.training.evaluate import EvalOptions, TorchPredictor, evaluate_collection
+        from robometer_ros.training.recipe.validation import EvalOptions, TorchPredictor, evaluate_collection
 
         module = unwrap(self.model)
         metrics = None
@@ -780,7 +737,7 @@ class Trainer:
                    if isinstance(v, (int, float)) and v == v}  # drop NaN (metric undefined on this split)
         self._log(scalars)
         if self.env.is_main:
-            from robometer_ros.training.evaluate import format_table
+            from robometer_ros.training.recipe.validation import format_table
 
             self._say(f"held-out evaluation at step {self.step}:\n{format_table(metrics)}")
         key = self.config.eval.best_metric
@@ -946,8 +903,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     from robometer_ros.model.checkpoint import CheckpointError
-    from robometer_ros.training.data import DatasetError
-    from robometer_ros.training.sampling import SamplingError
+    from robometer_ros.training.data.store import DatasetError
+    from robometer_ros.training.recipe.sampling import SamplingError
 
     try:
         config = load_config(args.config, args.overrides)
@@ -970,7 +927,6 @@ __all__ = [
     "lora_merged_state_dict",
     "lr_factor",
     "main",
-    "open_split",
 ]
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robometer_ros.training.data import (
+from robometer_ros.training.data.store import (
     DEFAULT_SHARD_SIZE,
     FRAME_CODECS,
     Dataset,
@@ -103,7 +103,7 @@ def _configure_from_bags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_from_bags(args: argparse.Namespace) -> int:
-    from robometer_ros.training.bags import BagImportError, BagImportOptions, ImportReport, read_bags
+    from robometer_ros.training.data.bags import BagImportError, BagImportOptions, ImportReport, read_bags
 
     options = BagImportOptions(
         image_topic=args.image_topic,
@@ -153,7 +153,7 @@ def _configure_from_hf(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_from_hf(args: argparse.Namespace) -> int:
-    from robometer_ros.training.hf_rows import HfImportOptions, HfImportReport, HfRowError, read_hf_rows
+    from robometer_ros.training.data.hf_rows import HfImportOptions, HfImportReport, HfRowError, read_hf_rows
 
     options = HfImportOptions(
         media_dir=args.media_dir,
@@ -178,14 +178,14 @@ def _run_from_hf(args: argparse.Namespace) -> int:
 
 
 def _configure_from_metaworld(parser: argparse.ArgumentParser) -> None:
-    from robometer_ros.training import metaworld
+    from robometer_ros.training.data import metaworld
 
     add_output_arguments(parser)
     metaworld.add_arguments(parser)
 
 
 def _run_from_metaworld(args: argparse.Namespace) -> int:
-    from robometer_ros.training import metaworld
+    from robometer_ros.training.data import metaworld
 
     return metaworld.run(args)
 
@@ -228,7 +228,7 @@ def _configure_repair(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_repair(args: argparse.Namespace) -> int:
-    from robometer_ros.training.bag_repair import BagRepairError, needs_repair, repair_bag
+    from robometer_ros.training.data.bag_repair import BagRepairError, needs_repair, repair_bag
 
     targets: list[Path] = []
     for path in args.bags:
