@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ class TaskCatalog:
         if unknown:
             raise ValueError(f"{path}: held-out tasks without phrasings: {sorted(unknown)}")
         wordings = [w for task in train for w in (*train[task], *heldout[task])]
-        repeated = sorted({w for w in wordings if wordings.count(w) > 1})
+        repeated = sorted(w for w, n in Counter(wordings).items() if n > 1)
         if repeated or not all(train.values()) or not all(heldout.values()):
             raise ValueError(f"{path}: every task needs training and held-out wordings, none shared: {repeated}")
         return catalog

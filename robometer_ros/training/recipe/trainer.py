@@ -137,14 +137,13 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def sampling_config(config: TrainConfig) -> SamplingConfig:
-    """The PairSampler settings of a run.
+def sampling_config(config: TrainConfig, catalog: Any = None) -> SamplingConfig:
+    """The PairSampler settings of a run; ``catalog`` (``task_catalog``) gives the wordings pairs are shown in.
 
     Frames are NOT resized by the sampler: the collator resizes them with the preprocessor the engine
     uses (bicubic, robometer_ros.preprocess), so training sees exactly the pixels the robot will.
     """
     ratios = dict(zip([s.value for s in Strategy], config.data.strategy_ratio))
-    catalog = task_catalog(config)
     return SamplingConfig(
         num_frames=config.data.num_frames,
         strategy_ratios=ratios,
@@ -403,10 +402,9 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def training_data_info(config: TrainConfig, collection: TrajectoryCollection) -> dict[str, Any]:
+def training_data_info(collection: TrajectoryCollection, catalog: Any = None) -> dict[str, Any]:
     """What a model was trained on, for training.json and the bundle manifest: the stored instructions of the
-    training split and, with ``data.phrasings``, the task catalog's split (tasks and wordings, file digest)."""
-    catalog = task_catalog(config)
+    training split and, with the run's task catalog (``task_catalog``), its split (tasks and wordings, file digest)."""
     info: dict[str, Any] = {"train_instructions": sorted({m.instruction for m in collection.metas})}
     if catalog is not None:
         info["task_catalog"] = catalog.summary()
@@ -527,8 +525,9 @@ class Trainer:
         self.eval_collection = (
             open_split(config.data.dataset, config.data.eval_split) if config.data.eval_split else None
         )
-        self.sampler = PairSampler(self.train_collection, sampling_config(config), seed=config.seed)
-        self.training_data = training_data_info(config, self.train_collection)
+        catalog = task_catalog(config)  # read once: the sampler's wordings and the training record
+        self.sampler = PairSampler(self.train_collection, sampling_config(config, catalog), seed=config.seed)
+        self.training_data = training_data_info(self.train_collection, catalog)
 
         robometer, self.tokenizer = build_model(config, self.train_collection)
         prepare_trainable(robometer, config)
