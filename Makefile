@@ -35,7 +35,7 @@ clean:
 	rm -rf build install log demo_out
 
 # ---- the embedded default model (issue 10): data -> train -> export -> calibrate -> evaluate, from scratch
-# (about two hours on 2 cores). The task split and the wordings are robometer_ros/training/data/metaworld_tasks.yaml.
+# (74 min on an idle 2-core box). The task split and the wordings are robometer_ros/training/data/metaworld_tasks.yaml.
 .PHONY: default-model demo-bags
 MW_DATA ?= data/metaworld
 MW_RUN ?= runs/default
@@ -44,14 +44,27 @@ MW_GEN := MUJOCO_GL=egl $(VENV)/bin/robometer-dataset from-metaworld --size 96 -
 MW_EVAL := $(VENV)/bin/robometer-eval bundles/default --dataset $(MW_DATA) --success-cutoff metaworld=0.9 \
 	--params-file config/reward_node.yaml --params-file $(MW_RUN)/calibration.yaml
 
-default-model: setup
-	rm -rf $(MW_DATA) $(MW_RUN)
-	# scenes: seed 0 trains, seed 3 calibrates the monitor (and is the in-training evaluation), seed 1 evaluates
-	$(MW_GEN) --tasks $(call MW_TASKS,trained) --episodes-per-task 24 --seed 0 --out $(MW_DATA)/train
-	$(MW_GEN) --tasks $(call MW_TASKS,trained) --episodes-per-task 2 --seed 3 --out $(MW_DATA)/calibration
-	$(MW_GEN) --tasks $(call MW_TASKS,trained) --episodes-per-task 3 --seed 1 --out $(MW_DATA)/eval_seeds
-	$(MW_GEN) --tasks $(call MW_TASKS,heldout) --episodes-per-task 6 --seed 1 --out $(MW_DATA)/eval_tasks
+# Each split and the initial model are made once (a stamp marks them complete; an interrupted one is redone) and
+# the training stages resume from their last checkpoint, so an interrupted `make default-model` goes on where it
+# stopped. Start over with `rm -rf $(MW_DATA) $(MW_RUN)`.
+# scenes: seed 0 trains, seed 3 calibrates the monitor (and is the in-training evaluation), seed 1 evaluates
+MW_SPLIT_train = --tasks $(call MW_TASKS,trained) --episodes-per-task 24 --seed 0
+MW_SPLIT_calibration = --tasks $(call MW_TASKS,trained) --episodes-per-task 2 --seed 3
+MW_SPLIT_eval_seeds = --tasks $(call MW_TASKS,trained) --episodes-per-task 3 --seed 1
+MW_SPLIT_eval_tasks = --tasks $(call MW_TASKS,heldout) --episodes-per-task 6 --seed 1
+
+$(MW_DATA)/%/.complete: | setup
+	rm -rf $(MW_DATA)/$*
+	$(MW_GEN) $(MW_SPLIT_$*) --out $(MW_DATA)/$*
+	touch $@
+
+$(MW_RUN)/init/.complete: | setup
+	rm -rf $(MW_RUN)/init
 	$(PY) -m robometer_ros.training.data.metaworld init-model $(MW_RUN)/init
+	touch $@
+
+default-model: setup $(foreach split,train calibration eval_seeds eval_tasks,$(MW_DATA)/$(split)/.complete) \
+		$(MW_RUN)/init/.complete
 	OMP_NUM_THREADS=2 $(VENV)/bin/robometer-train training/default_model.yaml output_dir=$(MW_RUN)/train \
 		model.init_checkpoint=$(MW_RUN)/init data.dataset=$(MW_DATA)
 	# second cosine cycle: resumes the run above at step 4000 and trains on to step 8000 with the official

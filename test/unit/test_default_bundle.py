@@ -7,6 +7,9 @@ episode is ended at its last frame.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +142,25 @@ def test_prefix_reuse_and_batches_score_as_the_plain_language_part(engine: Rewar
                                    reference.progress_logits, atol=1e-4)
     plain.close()
     engine.clear()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_default_model_goes_on_where_it_stopped(tmp_path: Path) -> None:
+    """An interrupted `make default-model` run again redoes only the unfinished split (from an empty directory)
+    and keeps the finished ones and the initial model; both training stages run (they resume themselves)."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    for done in ("train", "calibration", "eval_seeds"):
+        (data / done).mkdir(parents=True)
+        (data / done / ".complete").touch()
+    (data / "eval_tasks").mkdir()  # interrupted: no stamp
+    (run / "init").mkdir(parents=True)
+    (run / "init" / ".complete").touch()
+    plan = subprocess.run(
+        ["make", "-n", "default-model", f"MW_DATA={data}", f"MW_RUN={run}", f"VENV={sys.prefix}"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout
+    generated = [line for line in plan.splitlines() if "from-metaworld" in line]
+    assert len(generated) == 1 and generated[0].endswith(f"--out {data}/eval_tasks"), plan
+    assert f"rm -rf {data}/eval_tasks" in plan and f"rm -rf {data}/train" not in plan, plan
+    assert "init-model" not in plan and f"rm -rf {run}" not in plan, plan
+    assert plan.count("robometer-train training/default_model.yaml") == 2, plan
