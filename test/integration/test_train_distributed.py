@@ -91,8 +91,11 @@ def test_fsdp_with_a_resume_matches_ddp(tmp_path: Path, squares: Path, ddp_run: 
     run_two_ranks(squares, tmp_path / "fsdp", "distributed.strategy=fsdp")
     ddp, fsdp = ranks_agree(ddp_run), ranks_agree(tmp_path / "fsdp")
     assert ddp.keys() == fsdp.keys()
+    # FSDP's reduce-scatter sums gradients in another order than DDP's all-reduce; Adam turns those float32
+    # rounding differences into parameter differences of ~1e-6 (seen: 1.02e-6). A wrong shard, step or
+    # optimizer state after the resume moves parameters by about the learning rate (3e-3), far above 1e-5.
     for key in ddp:
-        torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-5, rtol=1e-5)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(ddp_run), abs=1e-5)
     for step in (5, STEPS):  # evaluation under FSDP runs on all ranks and sees the same model
         ddp_eval, fsdp_eval = eval_metrics(ddp_run, step), eval_metrics(tmp_path / "fsdp", step)
